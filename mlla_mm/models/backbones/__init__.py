@@ -1,0 +1,3 @@
+from .mlla import MLLA
+
+__all__ = ['MLLA']
