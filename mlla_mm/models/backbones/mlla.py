@@ -19,10 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import os
+import zipfile
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
+from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -99,6 +103,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def dwconv_nhwc(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """Apply a (depthwise) conv to channels-last tokens (B, H, W, C) without copies."""
     return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def _check_checkpoint_file(path) -> None:
+    """Fail early and clearly on a missing file or one that is not a PyTorch checkpoint."""
+    if not isinstance(path, (str, os.PathLike)) or '://' in str(path):
+        return  # remote or exotic sources are left to mmengine's loaders
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f'Pretrained checkpoint {str(path)!r} does not exist; set '
+            "init_cfg=dict(type='Pretrained', checkpoint=...) to an existing .pth file"
+        )
+    with open(path, 'rb') as f:
+        head = f.read(2)
+    if not (zipfile.is_zipfile(path) or head[:1] == b'\x80'):  # torch.save zip or legacy pickle
+        raise ValueError(
+            f'{str(path)!r} is not a PyTorch checkpoint (neither a torch.save zip archive nor a '
+            'pickle). Pass an official MLLA .pth, a file written by mmengine, or one converted '
+            'with tools/model_converters/mlla2mm.py.'
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,6 +355,8 @@ class MLLA(BaseModule):
             and their output norms (kept in eval mode).
         norm_eval: Keep BatchNorm layers in eval mode during training.
         with_cp: Activation checkpointing per block (saves memory, costs a recomputation).
+        checkpoint_key: Entry of an official ImageNet checkpoint to load the weights from:
+            ``'model'``, or the EMA weights (``'model_ema'``/``'state_dict_ema'``) on request.
         init_cfg: mmengine init config, e.g. ``dict(type='Pretrained', checkpoint=PATH)`` with an
             official MLLA ImageNet or downstream checkpoint, or this package's own.
 
@@ -358,9 +383,11 @@ class MLLA(BaseModule):
         frozen_stages: int = -1,
         norm_eval: bool = False,
         with_cp: bool = False,
+        checkpoint_key: str = 'model',
         init_cfg: dict | list | None = None,
     ) -> None:
         super().__init__(init_cfg=init_cfg)
+        self.checkpoint_key = checkpoint_key
         self.arch = self._parse_arch(arch)
         embed_dims, depths, num_heads = (self.arch[k] for k in ('embed_dims', 'depths', 'num_heads'))
         self.embed_dims, self.depths, self.num_heads = embed_dims, tuple(depths), tuple(num_heads)
@@ -433,33 +460,32 @@ class MLLA(BaseModule):
                     nn.init.ones_(m.weight)
                     nn.init.zeros_(m.bias)
             self._is_init = True
+        if pretrained:
+            _check_checkpoint_file(self.init_cfg.get('checkpoint'))
         if self.init_cfg is not None:
-            try:
-                super().init_weights()
-            except FileNotFoundError:
-                raise
-            except (RuntimeError, EOFError, ValueError, OSError) as e:
-                if 'pickle' not in str(e).lower() and 'zip' not in str(e).lower():
-                    raise
-                path = self.init_cfg.get('checkpoint') if isinstance(self.init_cfg, dict) else None
-                raise ValueError(
-                    f'{path!r} is not a PyTorch checkpoint that can be loaded safely ({e}). Pass '
-                    'an official MLLA .pth, a file written by mmengine, or one converted with '
-                    'tools/model_converters/mlla2mm.py.'
-                ) from e
+            super().init_weights()
 
     def _load_hook(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
-        """Accept official checkpoints unchanged (see :func:`convert_official_state_dict`)."""
-        if prefix == '' and isinstance(state_dict.get('model'), dict):
-            ckpt = state_dict.pop('model')  # the official ImageNet file, loaded whole by mmengine
-            for key in [k for k in state_dict if not isinstance(state_dict[k], torch.Tensor)]:
-                state_dict.pop(key)
-            state_dict.update(ckpt)
+        """Accept official checkpoints unchanged (see :func:`convert_official_state_dict`).
+
+        mmengine hands over a file without a ``state_dict`` entry whole, so the official ImageNet
+        file arrives as ``{'model': {...}, ...}``: its ``checkpoint_key`` entry is unwrapped. A
+        whole detector/segmentor/classifier state dict (``backbone.*`` keys) is accepted too.
+        """
+        if isinstance(state_dict.get(self.checkpoint_key), dict):
+            weights = state_dict[self.checkpoint_key]
+            state_dict.clear()
+            state_dict.update({prefix + k: v for k, v in weights.items()})
         own = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not any(k[len(prefix) :].startswith('patch_embed.') for k in own):
+            nested = {k: v for k, v in own.items() if k.startswith(prefix + 'backbone.')}
+            if nested:
+                print_log(f'{type(self).__name__}: loading the backbone.* part of a whole model')
+                own = {prefix + k[len(prefix) + len('backbone.') :]: v for k, v in nested.items()}
         converted = convert_official_state_dict(
             {k[len(prefix) :]: v for k, v in own.items()}, out_indices=self.out_indices
         )
-        for key in own:
+        for key in [k for k in state_dict if k.startswith(prefix)]:
             del state_dict[key]
         state_dict.update({prefix + k: v for k, v in converted.items()})
         self._check_shapes(converted)
