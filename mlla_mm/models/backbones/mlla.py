@@ -100,9 +100,84 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack([x_re * cos - x_im * sin, x_im * cos + x_re * sin], dim=-1).flatten(-2)
 
 
-def dwconv_nhwc(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """Apply a (depthwise) conv to channels-last tokens (B, H, W, C) without copies."""
-    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+_ROPE_PAIR_CACHE: dict = {}
+
+
+def rope_pair_tables(h: int, w: int, dim: int, device, dtype) -> tuple:
+    """RoPE tables laid out per channel: ``rope(x) = x * cos2 + swap_pairs(x) * sin2``.
+
+    ``cos2[..., 2p] = cos2[..., 2p + 1] = cos_p`` and ``sin2[..., 2p] = -sin_p``,
+    ``sin2[..., 2p + 1] = sin_p``: the same rotation as :func:`apply_rope` in three full-width
+    element-wise passes instead of eight half-width ones. Cached like :func:`rope_tables`.
+
+    Returns:
+        tuple[Tensor, Tensor]: ``cos2`` and ``sin2``, each of shape (h, w, dim).
+    """
+    caching = not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+    key = (h, w, dim, torch.device(device), dtype)
+    tables = _ROPE_PAIR_CACHE.get(key) if caching else None
+    if tables is None:
+        cos, sin = rope_tables(h, w, dim, device, dtype)
+        tables = (
+            torch.stack([cos, cos], dim=-1).flatten(-2),
+            torch.stack([-sin, sin], dim=-1).flatten(-2),
+        )
+        if caching:
+            if len(_ROPE_PAIR_CACHE) > 256:
+                _ROPE_PAIR_CACHE.clear()
+            _ROPE_PAIR_CACHE[key] = tables
+    return tables
+
+
+def swap_pairs(x: torch.Tensor) -> torch.Tensor:
+    """``(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...)`` along the last dimension (a copy)."""
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
+def _identity_taps(conv: nn.Conv2d) -> torch.Tensor:
+    """A depthwise kernel that is the identity: 1 at the centre tap, 0 elsewhere."""
+    kh, kw = conv.kernel_size
+    eye = conv.weight.new_zeros(conv.weight.shape)
+    eye[:, :, kh // 2, kw // 2] = 1.0
+    return eye
+
+
+def dwconv_nhwc(x: torch.Tensor, conv: nn.Conv2d, residual: bool = False) -> torch.Tensor:
+    """Apply a (depthwise) conv to channels-last tokens (B, H, W, C) without copies.
+
+    The conv sees the NCHW view of the NHWC tensor (channels-last memory format), so oneDNN
+    runs its channels-last kernel and the result, permuted back, is a contiguous (B, H, W, C).
+
+    Args:
+        x: Tokens (B, H, W, C).
+        conv: A stride-1, same-padding depthwise conv when ``residual`` is set.
+        residual: Return ``x + conv(x)`` computed as one conv whose centre tap is increased by
+            one (exact in real arithmetic; the gradient w.r.t. ``conv.weight`` is unchanged),
+            which saves the separate addition pass.
+    """
+    weight = conv.weight
+    if residual:
+        weight = weight + _identity_taps(conv)
+    out = F.conv2d(
+        x.permute(0, 3, 1, 2), weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+        conv.groups,
+    )  # fmt: skip
+    return out.permute(0, 2, 3, 1)
+
+
+def _linear_residual(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + linear(x)``; without autograd the product accumulates into ``residual``."""
+    if (
+        torch.is_grad_enabled()
+        or not (residual.dtype == x.dtype == linear.weight.dtype)
+        or not residual.is_contiguous()
+    ):
+        return residual + linear(x)
+    out = residual.view(-1, residual.shape[-1])
+    out.addmm_(x.reshape(-1, x.shape[-1]), linear.weight.t())
+    if linear.bias is not None:
+        out.add_(linear.bias)
+    return residual
 
 
 def _check_checkpoint_file(path) -> None:
@@ -156,7 +231,9 @@ class ConvLayer(nn.Module):
             x = self.conv(x)
             if self.norm is not None:
                 x = self.norm(x)
-        return self.act(x) if self.act is not None else x
+        if self.act is None:
+            return x
+        return F.relu(x, inplace=not torch.is_grad_enabled())
 
     def _conv_bn_folded(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self.conv, self.norm
@@ -188,8 +265,10 @@ class Stem(nn.Module):
         """(B, C_in, H, W) -> channels-last tokens (B, ceil(H/4), ceil(W/4), C)."""
         h, w = x.shape[-2:]
         x = F.pad(x, (0, (-w) % 4, 0, (-h) % 4))  # bottom/right zero padding to a multiple of 4
-        x = self.conv1(x)
-        x = self.conv2(x) + x
+        # channels-last convs: oneDNN's fastest path, and the NHWC tokens come out copy-free
+        x = self.conv1(x.contiguous(memory_format=torch.channels_last))
+        y = self.conv2(x)
+        x = y.add_(x) if not torch.is_grad_enabled() else y + x
         return self.conv3(x).permute(0, 2, 3, 1)
 
 
@@ -244,24 +323,44 @@ class LinearAttention(nn.Module):
         self.lepe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C)."""
+        """(B, H, W, C) -> (B, H, W, C).
+
+        q and k come out of one GEMM as a (B, H, W, 2, C) tensor and are rotated together with
+        per-channel RoPE tables. Per image and head, three BLAS products on strided views do the
+        rest without a transpose copy: ``k_r^T v`` (d x d), the normaliser ``q . mean(k)`` and
+        ``LePE(v) += (z * q_r) (k_r^T v)``, accumulated into the LePE output without autograd
+        (out-of-place with autograd, same arithmetic).
+        """
         b, h, w, c = x.shape
         n, heads = h * w, self.num_heads
-        q, k = (F.elu(t) + 1.0 for t in self.qk(x).chunk(2, dim=-1))
+        d = c // heads
+        no_grad = not torch.is_grad_enabled()
+        qk = self.qk(x)
         with torch.autocast(x.device.type, enabled=False):
             dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-            q, k, v = q.to(dtype), k.to(dtype), x.to(dtype)
-            cos, sin = rope_tables(h, w, c, x.device, dtype)
-            q_rope = apply_rope(q, cos, sin).reshape(b, n, heads, -1).transpose(1, 2)
-            k_rope = apply_rope(k, cos, sin).reshape(b, n, heads, -1).transpose(1, 2)
-            q = q.reshape(b, n, heads, -1)
-            k_mean = k.reshape(b, n, heads, -1).mean(dim=1, keepdim=True)  # (b, 1, heads, d)
-            z = 1.0 / ((q * k_mean).sum(-1).transpose(1, 2).unsqueeze(-1) + 1e-6)  # (b,heads,n,1)
-            vh = v.reshape(b, n, heads, -1).transpose(1, 2)
-            kv = (k_rope.transpose(-2, -1) * n**-0.5) @ (vh * n**-0.5)  # (b, heads, d, d)
-            out = (q_rope @ kv) * z
-            out = out.transpose(1, 2).reshape(b, h, w, c).to(x.dtype)
-        return out + dwconv_nhwc(x, self.lepe)
+            v = x.to(dtype)
+            qk = F.elu(qk.to(dtype), inplace=no_grad).add_(1.0).view(b, h, w, 2, c)
+            cos2, sin2 = rope_pair_tables(h, w, c, x.device, dtype)
+            rot = (qk * cos2.unsqueeze(2)).addcmul_(swap_pairs(qk), sin2.unsqueeze(2))
+            qk, rot, v = qk.view(b, n, 2, c), rot.view(b, n, 2, c), v.reshape(b, n, c)
+            lepe = dwconv_nhwc(x.to(dtype), self.lepe)  # float32 weights, float32 input
+            out = lepe.reshape(b, n, c) if no_grad else None
+            parts = []  # with autograd: per image, the heads' products, concatenated
+            for i in range(b):
+                for j in range(heads):
+                    cols = slice(j * d, (j + 1) * d)
+                    k_mean = qk[i, :, 1, cols].mean(0, keepdim=True).t()  # (d, 1)
+                    z = torch.mm(qk[i, :, 0, cols], k_mean).add_(1e-6).reciprocal_()  # (n, 1)
+                    kv = torch.mm(rot[i, :, 1, cols].t(), v[i, :, cols]).mul_(1.0 / n)  # (d, d)
+                    q_z = rot[i, :, 0, cols] * z
+                    if no_grad:
+                        out[i, :, cols].addmm_(q_z, kv)
+                    else:
+                        parts.append(torch.mm(q_z, kv))
+            if not no_grad:
+                per_image = [torch.cat(parts[i * heads : (i + 1) * heads], -1) for i in range(b)]
+                out = torch.stack(per_image) + lepe.reshape(b, n, c)
+        return out.view(b, h, w, c).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}, num_heads={self.num_heads}'
@@ -294,15 +393,28 @@ class MLLABlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + dwconv_nhwc(x, self.cpe1)
+        """(B, H, W, C) -> (B, H, W, C), all intermediates channels-last.
+
+        The CPE residuals run as one conv each (:func:`dwconv_nhwc` with ``residual=True``);
+        without autograd the gate, activations and residual additions run in place.
+        """
+        no_grad = not torch.is_grad_enabled()
+        x = dwconv_nhwc(x, self.cpe1, residual=True)
         shortcut = x
         x = self.norm1(x)
-        gate = self.act(self.act_proj(x))
-        x = self.act(dwconv_nhwc(self.in_proj(x), self.dwc))
-        x = self.out_proj(self.attn(x) * gate)
-        x = shortcut + self.drop_path(x)
-        x = x + dwconv_nhwc(x, self.cpe2)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        gate = F.silu(self.act_proj(x), inplace=no_grad)
+        x = F.silu(dwconv_nhwc(self.in_proj(x), self.dwc), inplace=no_grad)
+        x = self.attn(x)
+        x = x.mul_(gate) if no_grad else x * gate
+        if isinstance(self.drop_path, nn.Identity) or not self.training:
+            x = _linear_residual(x, self.out_proj, shortcut)
+        else:
+            x = shortcut + self.drop_path(self.out_proj(x))
+        x = dwconv_nhwc(x, self.cpe2, residual=True)
+        hidden = self.mlp.act(self.mlp.fc1(self.norm2(x)))
+        if isinstance(self.drop_path, nn.Identity) or not self.training:
+            return _linear_residual(hidden, self.mlp.fc2, x)
+        return x + self.drop_path(self.mlp.fc2(hidden))
 
 
 class MLLAStage(nn.Module):

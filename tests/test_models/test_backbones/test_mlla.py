@@ -153,12 +153,15 @@ def test_matches_plain_transcription_training_with_gradients():
     loss.backward(), loss_ref.backward()
     assert abs(loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
     grads_ref = {name: p.grad for name, p in ref.named_parameters()}
-    # Conv biases right before a training-mode BatchNorm have a zero gradient up to round-off,
-    # so the tolerance has an absolute part on the scale of the typical gradient.
     scale = torch.stack([g.norm() for g in grads_ref.values()]).median()
     for name, p in model.named_parameters():
+        if name.endswith('downsample.conv.2.conv.bias'):
+            # A conv bias right before a training-mode BatchNorm has an exactly zero gradient in
+            # real arithmetic: both sides must be round-off on the scale of the typical gradient.
+            assert p.grad.norm() <= 1e-4 * scale and grads_ref[name].norm() <= 1e-4 * scale
+            continue
         err = (p.grad - grads_ref[name]).norm()
-        assert err <= 1e-4 * grads_ref[name].norm() + 1e-5 * scale, name
+        assert err <= 1e-4 * grads_ref[name].norm() + 1e-6 * scale, name
     # BatchNorm statistics were updated identically in training mode.
     for (name, b), (_, b_ref) in zip(model.named_buffers(), ref.named_buffers()):
         assert torch.allclose(b.float(), b_ref.float(), rtol=1e-5, atol=1e-6), name
@@ -230,7 +233,8 @@ def test_get_layer_depth_with_mmpretrain_lr_decay():
     model = MLLA(arch=TINY)
     n = sum(TINY['depths']) + 2
     assert model.get_layer_depth('backbone.patch_embed.conv1.conv.weight', 'backbone.') == (0, n)
-    assert model.get_layer_depth('backbone.layers.1.blocks.1.attn.qk.weight', 'backbone.') == (4, n)
+    assert model.get_layer_depth('backbone.layers.1.blocks.0.attn.qk.weight', 'backbone.') == (2, n)
+    assert model.get_layer_depth('backbone.layers.1.blocks.1.attn.qk.weight', 'backbone.') == (3, n)
     assert model.get_layer_depth('backbone.layers.1.downsample.conv.0.conv.weight', 'backbone.') == (
         3,
         n,
@@ -251,7 +255,7 @@ def test_get_layer_depth_with_mmpretrain_lr_decay():
             lrs[id(p)] = group['lr']
     assert lrs[id(model.patch_embed.conv1.conv.weight)] == pytest.approx(0.5 ** (n - 1))
     assert lrs[id(model.norm3.weight)] == pytest.approx(1.0)
-    assert lrs[id(model.layers[1].blocks[1].attn.qk.weight)] == pytest.approx(0.5 ** (n - 1 - 4))
+    assert lrs[id(model.layers[1].blocks[1].attn.qk.weight)] == pytest.approx(0.5 ** (n - 1 - 3))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,19 +280,40 @@ def test_autocast_training_step_is_finite(dtype):
     opt.step()
 
 
-def test_attention_core_runs_in_float32_under_autocast(monkeypatch):
-    seen = []
-    real_matmul = torch.Tensor.__matmul__
+def test_attention_core_runs_in_float32_under_autocast():
+    """Under bf16 autocast only the q/k projection runs in bf16 inside the attention; the KV
+    product, the normaliser and the query product all run in float32."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    def spy(a, b):
-        seen.append((a.dtype, b.dtype))
-        return real_matmul(a, b)
+    matmuls = {'mm', 'addmm', 'addmm_', 'bmm', 'baddbmm', 'baddbmm_', 'matmul', 'einsum'}
+
+    class Spy(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in matmuls:
+                dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor)}
+                self.seen.append(dtypes)
+            return func(*args, **(kwargs or {}))
 
     model = MLLA(arch=TINY).eval()
-    monkeypatch.setattr(torch.Tensor, '__matmul__', spy)
+    attn = model.layers[1].blocks[0].attn
+    spy = Spy()
+    forward = attn.forward
+
+    def spied(x):
+        with spy:
+            return forward(x)
+
+    attn.forward = spied
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        model(torch.randn(1, 3, 32, 32))
-    assert seen and all(d == (torch.float32, torch.float32) for d in seen)
+        outs = model(torch.randn(1, 3, 32, 32))
+    assert outs[1].dtype == torch.bfloat16
+    half = [d for d in spy.seen if d != {torch.float32}]
+    assert half == [{torch.bfloat16}], 'only the q/k projection may run in bf16'
+    assert len(spy.seen) - len(half) >= 2  # k^T v and the query product, at least
 
 
 # ---------------------------------------------------------------------------------------------
