@@ -9,6 +9,9 @@ checkpoints no longer load. We allow-list exactly those types, and nothing calla
 
 from __future__ import annotations
 
+import pickle
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -31,11 +34,43 @@ def _numpy_globals() -> list:
     return found
 
 
+# Built into HistoryBuffer (registered by its __init__, so absent before the first instance).
+_HISTORY_BUFFER_STATISTICS = ('min', 'max', 'current', 'mean')
+
+
+def _history_buffer_method(owner: type, name: str) -> Callable:
+    """Stand-in for ``getattr`` that only resolves ``HistoryBuffer``'s statistics methods.
+
+    ``HistoryBuffer.__getstate__`` stores its statistics methods (``HistoryBuffer.min``,
+    ``.max``, ``.current``, ``.mean`` and any registered ones); pickle writes each of these
+    functions as ``getattr(HistoryBuffer, 'min')``. Allow-listing the real ``getattr`` would
+    let a checkpoint reach any attribute of any allowed object, so the pickled ``getattr`` is
+    mapped to this function, which resolves nothing else.
+    """
+    from mmengine.logging import HistoryBuffer
+
+    methods = {m: getattr(HistoryBuffer, m) for m in _HISTORY_BUFFER_STATISTICS}
+    methods.update(HistoryBuffer._statistics_methods)  # custom ones registered by the user
+    method = methods.get(name) if owner is HistoryBuffer else None
+    if method is None or not callable(method):
+        raise pickle.UnpicklingError(
+            f'Refusing getattr({owner!r}, {name!r}) in a checkpoint: only the statistics methods '
+            f'of mmengine HistoryBuffer ({sorted(methods)}) may be '
+            'looked up by attribute'
+        )
+    return method
+
+
 def safe_globals() -> list:
     """Every global that mmengine Runner checkpoints need besides tensors and containers."""
     from mmengine.logging import HistoryBuffer
 
-    return [HistoryBuffer, *_numpy_globals()]
+    getattr_names = ('__builtin__.getattr', 'builtins.getattr')  # pickle protocol 2 / >= 3
+    return [
+        HistoryBuffer,
+        *((_history_buffer_method, name) for name in getattr_names),
+        *_numpy_globals(),
+    ]
 
 
 def register_safe_globals() -> None:

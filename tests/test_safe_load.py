@@ -23,9 +23,9 @@ class ToyModel(BaseModel):
         self.bn = nn.BatchNorm1d(2)
 
     def forward(self, inputs, labels=None, mode='tensor'):
-        out = self.bn(self.linear(torch.stack(inputs)))
+        out = self.bn(self.linear(inputs))  # default_collate stacks the batch
         if mode == 'loss':
-            return {'loss': ((out - torch.stack(labels)) ** 2).mean()}
+            return {'loss': ((out - labels) ** 2).mean()}
         return out
 
 
@@ -101,6 +101,37 @@ def test_default_torch_load_is_still_weights_only(tmp_path):
     with pytest.raises(Exception, match='Weights only load failed'):
         load_checkpoint(ToyModel(), str(path))
     assert not marker.exists()
+
+
+def test_fresh_process_loads_runner_checkpoint(runner_ckpt):
+    """The statistics methods are resolved before any HistoryBuffer exists (as in tools/test.py)."""
+    _, path = runner_ckpt
+    code = (
+        'import mlla_mm, sys, torch; '
+        'hub = torch.load(sys.argv[1], weights_only=True)["message_hub"]; '
+        'print(hub["log_scalars"]["train/loss"].mean())'
+    )
+    out = subprocess.run([sys.executable, '-c', code, str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) > 0
+
+
+def test_pickled_getattr_resolves_nothing_but_history_buffer_statistics(tmp_path):
+    from mmengine.logging import HistoryBuffer
+
+    class Sneaky:
+        def __reduce__(self):
+            return (getattr, (HistoryBuffer, '__init__'))
+
+    class Evil:
+        def __reduce__(self):
+            return (getattr, (np.ndarray, 'tofile'))
+
+    for payload in (Sneaky(), Evil()):
+        path = tmp_path / 'getattr.pth'
+        torch.save({'state_dict': {}, 'meta': payload}, path)
+        with pytest.raises(pickle.UnpicklingError, match='Refusing getattr'):
+            torch.load(path)
 
 
 def test_safety_switches_are_not_flipped():

@@ -1,0 +1,66 @@
+"""The package itself: the backbone needs only torch and mmengine; the task pieces fail with an
+install hint when their library is missing."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+BLOCK = ('mmcv', 'mmdet', 'mmseg', 'mmpretrain', 'torchvision', 'onnx', 'onnxruntime')
+
+
+def _run_without_openmmlab(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter where the optional libraries cannot be imported."""
+    prelude = textwrap.dedent(
+        f"""
+        import sys
+        from importlib.abc import MetaPathFinder
+
+        class Block(MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split('.')[0] in {BLOCK!r}:
+                    raise ImportError(f'No module named {{name!r}} (blocked by the test)')
+
+        sys.meta_path.insert(0, Block())
+        """
+    )
+    return subprocess.run(
+        [sys.executable, '-c', prelude + textwrap.dedent(code)], capture_output=True, text=True
+    )
+
+
+def test_backbone_needs_only_torch_and_mmengine():
+    out = _run_without_openmmlab(
+        """
+        import torch
+        import mlla_mm
+        from mmengine.registry import MODELS
+
+        model = MODELS.build(dict(type='mlla_mm.MLLA', arch='tiny')).eval()
+        with torch.no_grad():
+            feats = model(torch.randn(1, 3, 64, 96))
+        print([tuple(f.shape) for f in feats])
+        print(sorted(m for m in sys.modules if m.split('.')[0] in {'mmcv', 'mmdet', 'mmseg'}))
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == '[(1, 64, 16, 24), (1, 128, 8, 12), (1, 256, 4, 6), (1, 512, 2, 3)]'
+    assert lines[1] == '[]'
+
+
+@pytest.mark.parametrize('package,extra', [('mmdet', 'det'), ('mmseg', 'seg'), ('mmpretrain', 'cls')])
+def test_missing_library_names_the_install_command(package, extra):
+    out = _run_without_openmmlab(
+        f"""
+        from mlla_mm.utils import require
+        try:
+            require({package!r}, 'a test')
+        except ImportError as e:
+            print(e)
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert f'mlla_mm needs {package} for a test' in out.stdout
+    assert f'pip install -e ".[{extra}]"' in out.stdout
