@@ -8,7 +8,7 @@ setup:
 	@bash tools/setup_env.sh
 
 demo: setup
-	$(PY) tools/misc/backbone_demo.py
+	$(PY) tools/misc/demo.py
 
 test: setup
 	$(PY) -m pytest tests
