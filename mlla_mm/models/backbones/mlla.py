@@ -584,6 +584,13 @@ class MLLA(BaseModule):
         file arrives as ``{'model': {...}, ...}``: its ``checkpoint_key`` entry is unwrapped. A
         whole detector/segmentor/classifier state dict (``backbone.*`` keys) is accepted too.
         """
+        entries = sorted(k for k, v in state_dict.items() if isinstance(v, dict))
+        if self.checkpoint_key != 'model' and entries and self.checkpoint_key not in entries:
+            raise KeyError(
+                f'checkpoint_key={self.checkpoint_key!r}: the checkpoint has no such entry; its '
+                f'entries are {entries}. Official ImageNet files keep the weights in \'model\' '
+                '(and EMA weights, where saved, in \'model_ema\' or \'state_dict_ema\').'
+            )
         if isinstance(state_dict.get(self.checkpoint_key), dict):
             weights = state_dict[self.checkpoint_key]
             state_dict.clear()

@@ -355,17 +355,23 @@ def test_official_checkpoints_load_through_init_cfg(layouts, tmp_path, arch, kin
     assert set(own) - covered == new
 
 
-def test_ema_entry_on_request(tmp_path):
+@pytest.mark.parametrize('key', ['model_ema', 'state_dict_ema'])
+def test_ema_entry_on_request(tmp_path, key):
     model = MLLA(arch=TINY)
     sd = model.state_dict()
     ema = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
     path = tmp_path / 'ema.pth'
-    torch.save({'model': sd, 'model_ema': ema}, path)
-    loaded = MLLA(
-        arch=TINY, checkpoint_key='model_ema', init_cfg=dict(type='Pretrained', checkpoint=str(path))
-    )
+    torch.save({'model': sd, key: ema, 'epoch': 3}, path)
+    init_cfg = dict(type='Pretrained', checkpoint=str(path))
+    loaded = MLLA(arch=TINY, checkpoint_key=key, init_cfg=init_cfg)
     loaded.init_weights()
     assert torch.equal(loaded.norm0.weight, ema['norm0.weight'])
+    default = MLLA(arch=TINY, init_cfg=init_cfg)
+    default.init_weights()
+    assert torch.equal(default.norm0.weight, sd['norm0.weight'])
+    missing = MLLA(arch=TINY, checkpoint_key='ema', init_cfg=init_cfg)
+    with pytest.raises(KeyError, match=rf"no such entry; its entries are \['model', '{key}'\]"):
+        missing.init_weights()
 
 
 def test_detector_checkpoint_with_prefix(tmp_path):
