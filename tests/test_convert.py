@@ -1,0 +1,121 @@
+"""Conversion of official MLLA checkpoints: every key of the T/S/B layouts is covered, nothing is
+dropped silently, and a converted ImageNet checkpoint gives the official model's logits."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.runner import load_checkpoint
+
+from mlla_mm.convert import convert_state_dict, infer_arch
+from mlla_mm.testing import PlainMLLA
+
+ROOT = Path(__file__).parents[1]
+LAYOUTS = json.loads((ROOT / 'tests' / 'data' / 'mlla_official_layouts.json').read_text())
+
+
+def fake_official(layout: dict, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in layout.items():
+        if key.endswith('num_batches_tracked'):
+            sd[key] = torch.tensor(3)
+        elif key.endswith('running_var'):
+            sd[key] = torch.rand(shape, generator=g) + 0.5
+        else:
+            sd[key] = torch.randn(shape, generator=g) * 0.05
+    return sd
+
+
+def build_classifier(arch: str):
+    pytest.importorskip('mmpretrain')
+    from mmpretrain.registry import MODELS
+    from mmpretrain.utils import register_all_modules
+
+    register_all_modules(init_default_scope=True)
+    cfg = Config.fromfile(str(ROOT / 'configs' / f'mlla_{arch[0]}_in1k.py'))
+    return MODELS.build(cfg.model)
+
+
+@pytest.mark.parametrize('arch', ['tiny', 'small', 'base'])
+def test_cls_conversion_covers_every_key(arch):
+    official = fake_official(LAYOUTS[f'cls_{arch}'])
+    converted = convert_state_dict(official, 'cls')
+    assert infer_arch({k: v for k, v in official.items()}) == arch
+    model_keys = set(build_classifier(arch).state_dict())
+    assert set(converted) == model_keys
+    rope = [k for k in official if k.endswith('attn.rope.rotations')]
+    assert len(converted) == len(official) - len(rope)  # only the recomputable buffers go
+    assert torch.equal(converted['backbone.norm3.weight'], official['norm.weight'])
+    assert torch.equal(converted['head.fc.bias'], official['head.bias'])
+
+
+@pytest.mark.parametrize('task', ['det', 'seg'])
+@pytest.mark.parametrize('arch', ['tiny', 'small', 'base'])
+def test_downstream_conversion_covers_every_key(task, arch):
+    backbone = fake_official(LAYOUTS[f'downstream_{arch}'])
+    heads = {'det': ['neck.fpn_convs.0.conv.weight', 'rpn_head.rpn_cls.weight',
+                     'roi_head.bbox_head.fc_cls.weight', 'roi_head.mask_head.conv_logits.bias'],
+             'seg': ['decode_head.conv_seg.weight', 'auxiliary_head.conv_seg.bias']}[task]
+    sd = {'backbone.' + k: v for k, v in backbone.items()}
+    sd.update({k: torch.zeros(2) for k in heads})
+    converted = convert_state_dict(sd, task)
+    rope = {k for k in sd if k.endswith('rope.rotations')}
+    assert set(converted) == set(sd) - rope and rope
+    with pytest.raises(KeyError, match='not understood.*mask_iou_head'):
+        convert_state_dict({**sd, 'mask_iou_head.fc.weight': torch.zeros(1)}, task)
+
+
+def test_unknown_and_mismatched_keys_fail_loudly():
+    official = fake_official(LAYOUTS['cls_tiny'])
+    with pytest.raises(KeyError, match="not understood: 'dist_head.weight'"):
+        convert_state_dict({**official, 'dist_head.weight': torch.zeros(1)}, 'cls')
+    with pytest.raises(KeyError, match='not MLLA'):
+        convert_state_dict({**official, 'layers.0.blocks.0.attn.proj.weight': torch.zeros(1)}, 'cls')
+    with pytest.raises(ValueError, match='expects'):
+        convert_state_dict(official, 'cls', arch='base')
+    with pytest.raises(ValueError, match="task must be 'cls', 'det' or 'seg'"):
+        convert_state_dict(official, 'pose')
+
+
+def test_converted_imagenet_checkpoint_gives_the_official_logits(tmp_path):
+    official = fake_official(LAYOUTS['cls_tiny'], seed=3)
+    src, dst = tmp_path / 'mlla_t.pth', tmp_path / 'mlla_t_mm.pth'
+    torch.save({'model': official, 'epoch': 299}, src)
+    tool = ROOT / 'tools' / 'model_converters' / 'mlla2mm.py'
+    out = subprocess.run(
+        [sys.executable, str(tool), str(src), str(dst), '--task', 'cls'],
+        capture_output=True, text=True, check=True,
+    )
+    assert 'wrote' in out.stdout
+    model = build_classifier('tiny').eval()
+    load_checkpoint(model, str(dst), strict=True)
+
+    # The official classifier: backbone -> final norm -> average pool -> head.
+    ref = PlainMLLA(64, (2, 4, 8, 4), (2, 4, 8, 16), out_indices=(3,)).eval()
+    backbone = {k: v for k, v in official.items() if k.startswith(('patch_embed', 'layers'))}
+    ref_sd = {**backbone, 'norm3.weight': official['norm.weight'], 'norm3.bias': official['norm.bias']}
+    missing, unexpected = ref.load_state_dict(ref_sd, strict=False)
+    assert not missing and all(k.endswith('rope.rotations') for k in unexpected)
+    x = torch.randn(2, 3, 96, 112)
+    with torch.no_grad():
+        logits = model(x, mode='tensor')
+        feat = ref(x)[0].mean((2, 3))
+        expected = feat @ official['head.weight'].T + official['head.bias']
+    assert ((logits - expected).norm() / expected.norm()).item() <= 1e-5
+
+
+def test_converter_cli_reports_errors(tmp_path):
+    bad = tmp_path / 'bad.pth'
+    torch.save({'model': {'foo.weight': torch.zeros(1)}}, bad)
+    tool = ROOT / 'tools' / 'model_converters' / 'mlla2mm.py'
+    out = subprocess.run(
+        [sys.executable, str(tool), str(bad), str(tmp_path / 'o.pth'), '--task', 'cls'],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 1 and "key not understood: 'foo.weight'" in out.stderr
+    assert not (tmp_path / 'o.pth').exists()
