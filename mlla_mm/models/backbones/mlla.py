@@ -6,10 +6,17 @@ https://github.com/LeapLabTHU/MLLA. This is an independent implementation of the
 with the same parameter names, so the official checkpoints load unchanged:
 
 * any input size (padding as the official downstream code does), with RoPE computed for the actual
-  token grid in real arithmetic (no complex tensors: ONNX- and half-precision-friendly) and cached
-  per (height, width, channels, device, dtype), never stored in the state dict;
+  token grid and cached per (height, width, channels, device, dtype), never stored in the state
+  dict; eager float32/64 rotates with one complex product, tracing, ``torch.compile`` and half
+  precision with real arithmetic (ONNX-friendly);
 * tokens stay channels-last (B, H, W, C) through a stage; depthwise convs see a channels-last NCHW
-  view, so no permute copies; BatchNorm folded into the conv at inference;
+  view and the 1x1 convs of the stem and patch merging run as token GEMMs, so no permute copies;
+  the attention heads are a batch dimension of strided views (one batched GEMM per product);
+* inference only (no autograd): BatchNorm folded into the convs, oneDNN linear kernels with the
+  bias and activation in their epilogue, in-place activations, RoPE and residual products, and
+  the MLP and the patch merging run over chunks so their wide hidden tensors never exist whole.
+  With autograd the same equations run out of place; the tests hold every path to the plain
+  transcription (:mod:`mlla_mm.testing`);
 * the linear-attention normaliser and KV product run in float32 under autocast;
 * OpenMMLab backbone arguments: ``out_indices``, ``frozen_stages``, ``norm_eval``, ``with_cp``,
   ``init_cfg`` and ``get_layer_depth`` for layer-wise learning-rate decay.
@@ -17,10 +24,9 @@ with the same parameter names, so the official checkpoints load unchanged:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import os
 import zipfile
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -134,6 +140,51 @@ def swap_pairs(x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
 
 
+_ROPE_COMPLEX_CACHE: dict = {}
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def rope_complex_table(h: int, w: int, dim: int, device, dtype) -> torch.Tensor:
+    """``exp(i * angle)`` of every RoPE channel pair over an ``h x w`` grid, as a complex tensor.
+
+    Multiplying the complex view of ``x`` (pairs ``(x_2p, x_2p+1)`` as ``x_2p + i x_2p+1``) by it
+    is :func:`apply_rope` in one element-wise pass that can run in place. Cached like
+    :func:`rope_tables`; ``dtype`` is the real dtype (float32 or float64).
+
+    Returns:
+        Tensor: Complex, of shape (h * w, 1, dim // 2) (broadcasting over the q/k axis).
+    """
+    key = (h, w, dim, torch.device(device), dtype)
+    table = _ROPE_COMPLEX_CACHE.get(key)
+    if table is None:
+        cos, sin = rope_tables(h, w, dim, device, dtype)
+        table = torch.complex(cos, sin).reshape(h * w, 1, dim // 2)
+        if len(_ROPE_COMPLEX_CACHE) > 256:
+            _ROPE_COMPLEX_CACHE.clear()
+        _ROPE_COMPLEX_CACHE[key] = table
+    return table
+
+
+def rope_rotate(qk: torch.Tensor, h: int, w: int, inplace: bool = False) -> torch.Tensor:
+    """RoPE of q and k together: ``qk`` is (B, h * w, 2, C), the result has the same shape.
+
+    float32/float64 tensors in eager mode take the complex product with
+    :func:`rope_complex_table` (one pass, in place when ``inplace``); half precision, tracing and
+    ``torch.compile`` take the real formulation with :func:`rope_pair_tables`.
+    """
+    c = qk.shape[-1]
+    if qk.dtype in (torch.float32, torch.float64) and not _tracing():
+        table = rope_complex_table(h, w, c, qk.device, qk.dtype)
+        pairs = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))
+        return torch.view_as_real(pairs.mul_(table) if inplace else pairs * table).flatten(-2)
+    cos2, sin2 = rope_pair_tables(h, w, c, qk.device, qk.dtype)
+    cos2, sin2 = cos2.reshape(h * w, 1, c), sin2.reshape(h * w, 1, c)
+    return (qk * cos2).addcmul_(swap_pairs(qk), sin2)
+
+
 def _identity_taps(conv: nn.Conv2d) -> torch.Tensor:
     """A depthwise kernel that is the identity: 1 at the centre tap, 0 elsewhere."""
     kh, kw = conv.kernel_size
@@ -163,6 +214,51 @@ def dwconv_nhwc(x: torch.Tensor, conv: nn.Conv2d, residual: bool = False) -> tor
         conv.groups,
     )  # fmt: skip
     return out.permute(0, 2, 3, 1)
+
+
+_ONEDNN_ACTS = {None: 'none', 'relu': 'relu', 'gelu': 'gelu', 'silu': 'swish'}
+_HAS_ONEDNN_LINEAR = hasattr(torch.ops.mkldnn, '_linear_pointwise')
+
+
+def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN's fused linear + activation may run: CPU float32 without autograd,
+    autocast or tracing (a fused kernel with the activation in the GEMM's epilogue)."""
+    return (
+        _HAS_ONEDNN_LINEAR
+        and not torch.is_grad_enabled()
+        and x.device.type == 'cpu'
+        and x.dtype == weight.dtype == torch.float32
+        and not torch.is_autocast_cpu_enabled()
+        and not _tracing()
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+def linear_act(x: torch.Tensor, linear: nn.Linear | tuple, act: str | None = None) -> torch.Tensor:
+    """``act(linear(x))`` for ``act`` in None/relu/gelu (exact)/silu.
+
+    Without autograd on CPU float32 it is one oneDNN GEMM with the bias and the activation in its
+    epilogue (no separate bias and activation passes over the output); otherwise the module is
+    called (its hooks run) and the activation follows, in place when there is no autograd.
+
+    Args:
+        x: Input (..., C_in).
+        linear: An ``nn.Linear``, or a ``(weight, bias)`` pair.
+        act: Activation name or None.
+    """
+    weight, bias = (linear.weight, linear.bias) if isinstance(linear, nn.Module) else linear
+    if _onednn_linear_ok(x, weight):
+        algorithm = 'none' if act == 'gelu' else ''
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, _ONEDNN_ACTS[act], [], algorithm)
+    y = linear(x) if isinstance(linear, nn.Module) else F.linear(x, weight, bias)
+    inplace = not torch.is_grad_enabled()
+    if act == 'relu':
+        return F.relu(y, inplace=inplace)
+    if act == 'silu':
+        return F.silu(y, inplace=inplace)
+    if act == 'gelu':
+        return torch.ops.aten.gelu_(y) if inplace else F.gelu(y)
+    return y
 
 
 def _linear_residual(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
@@ -202,6 +298,11 @@ def _check_checkpoint_file(path) -> None:
 # --------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------
+# Inference runs the MLP and the patch merging over chunks of tokens / bands of rows, so that
+# their 4x / 8x-wide hidden tensors hold at most this many elements (16 MB in float32) at a time.
+CHUNK_ELEMENTS = 2**22
+
+
 class ConvLayer(nn.Module):
     """Conv2d -> optional BatchNorm -> optional ReLU; BatchNorm is folded in at inference."""
 
@@ -235,14 +336,35 @@ class ConvLayer(nn.Module):
             return x
         return F.relu(x, inplace=not torch.is_grad_enabled())
 
-    def _conv_bn_folded(self, x: torch.Tensor) -> torch.Tensor:
+    def _folded(self) -> tuple:
+        """Conv weight and bias with the (inference-mode) BatchNorm folded in."""
         conv, bn = self.conv, self.norm
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         bias = bn.bias - bn.running_mean * scale
         if conv.bias is not None:
             bias = bias + conv.bias * scale
-        weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+        return conv.weight * scale.reshape(-1, 1, 1, 1), bias
+
+    def _conv_bn_folded(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        weight, bias = self._folded()
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """A 1x1 ConvLayer on channels-last tokens (B, H, W, C_in) -> (B, H, W, C_out).
+
+        The 1x1 conv is a linear layer of the tokens (one GEMM, no layout change); BatchNorm is
+        folded in at inference and runs on the NCHW view of the tokens in training.
+        """
+        act = 'relu' if self.act is not None else None
+        if self.norm is None or not self.norm.training:
+            weight, bias = (
+                self._folded() if self.norm is not None else (self.conv.weight, self.conv.bias)
+            )
+            return linear_act(x, (weight.flatten(1), bias), act)
+        x = F.linear(x, self.conv.weight.flatten(1), self.conv.bias)
+        x = self.norm(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return x if act is None else F.relu(x, inplace=not torch.is_grad_enabled())
 
 
 class Stem(nn.Module):
@@ -264,12 +386,14 @@ class Stem(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> channels-last tokens (B, ceil(H/4), ceil(W/4), C)."""
         h, w = x.shape[-2:]
-        x = F.pad(x, (0, (-w) % 4, 0, (-h) % 4))  # bottom/right zero padding to a multiple of 4
+        if h % 4 or w % 4:  # bottom/right zero padding to a multiple of 4
+            x = F.pad(x, (0, (-w) % 4, 0, (-h) % 4))
         # channels-last convs: oneDNN's fastest path, and the NHWC tokens come out copy-free
         x = self.conv1(x.contiguous(memory_format=torch.channels_last))
         y = self.conv2(x)
         x = y.add_(x) if not torch.is_grad_enabled() else y + x
-        return self.conv3(x).permute(0, 2, 3, 1)
+        x = self.conv3[0](x).permute(0, 2, 3, 1)
+        return self.conv3[1].forward_tokens(x)
 
 
 class PatchMerging(nn.Module):
@@ -288,8 +412,38 @@ class PatchMerging(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)."""
         h, w = x.shape[1:3]
-        x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))  # odd sizes: pad *before* the 1x1 conv
-        return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        if h % 2 or w % 2:  # odd sizes: pad *before* the 1x1 conv
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        expand, dwconv, project = self.conv
+        if not (torch.is_grad_enabled() or _tracing() or project.norm.training):
+            return self._forward_bands(x)
+        x = expand.forward_tokens(x)  # 1x1 convs as token GEMMs: no NCHW round trip
+        x = dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return project.forward_tokens(x)
+
+    def _forward_bands(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference over bands of output rows, so the 8x-wide hidden tensor never exists whole.
+
+        Output rows ``[r0, r1)`` of the stride-2 3x3 conv read input rows ``2 r0 - 1 .. 2 r1 - 1``.
+        Each band expands its own rows ``2 r0 .. 2 r1 - 1`` once and runs the conv with a zero
+        row on top; the top kernel row's taps on the previous band's last row (the zero row's
+        place) are then added to the band's first output row before the ReLU.
+        """
+        expand, dwconv, project = self.conv
+        b, h, w, _ = x.shape
+        out = x.new_empty(b, h // 2, w // 2, project.conv.out_channels)
+        rows = max(1, CHUNK_ELEMENTS // (2 * b * w * expand.conv.out_channels))
+        weight, bias, groups = dwconv.conv.weight, dwconv.conv.bias, dwconv.conv.groups
+        halo = None  # the previous band's last expanded row, NCHW (B, C, 1, W)
+        for r0 in range(0, h // 2, rows):
+            r1 = min(r0 + rows, h // 2)
+            t = expand.forward_tokens(x[:, 2 * r0 : 2 * r1]).permute(0, 3, 1, 2)
+            y = F.conv2d(t, weight, bias, 2, 1, 1, groups)
+            if halo is not None:
+                y[:, :, :1] += F.conv2d(halo, weight[:, :, :1], None, (1, 2), (0, 1), 1, groups)
+            halo = t[:, :, -1:]
+            out[:, r0:r1] = project.forward_tokens(F.relu_(y).permute(0, 2, 3, 1))
+        return out
 
 
 class Mlp(nn.Module):
@@ -325,42 +479,68 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C).
 
-        q and k come out of one GEMM as a (B, H, W, 2, C) tensor and are rotated together with
-        per-channel RoPE tables. Per image and head, three BLAS products on strided views do the
-        rest without a transpose copy: ``k_r^T v`` (d x d), the normaliser ``q . mean(k)`` and
-        ``LePE(v) += (z * q_r) (k_r^T v)``, accumulated into the LePE output without autograd
-        (out-of-place with autograd, same arithmetic).
+        q and k come out of one GEMM as a (B, N, 2, C) tensor and are rotated together
+        (:func:`rope_rotate`). The heads are a batch dimension of strided views, so each product
+        is one batched GEMM over all heads without a transpose copy; see :meth:`_attend`.
         """
         b, h, w, c = x.shape
-        n, heads = h * w, self.num_heads
-        d = c // heads
-        no_grad = not torch.is_grad_enabled()
-        qk = self.qk(x)
+        grad = torch.is_grad_enabled()
+        qk = linear_act(x, self.qk)
         with torch.autocast(x.device.type, enabled=False):
             dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
             v = x.to(dtype)
-            qk = F.elu(qk.to(dtype), inplace=no_grad).add_(1.0).view(b, h, w, 2, c)
-            cos2, sin2 = rope_pair_tables(h, w, c, x.device, dtype)
-            rot = (qk * cos2.unsqueeze(2)).addcmul_(swap_pairs(qk), sin2.unsqueeze(2))
-            qk, rot, v = qk.view(b, n, 2, c), rot.view(b, n, 2, c), v.reshape(b, n, c)
-            lepe = dwconv_nhwc(x.to(dtype), self.lepe)  # float32 weights, float32 input
-            out = lepe.reshape(b, n, c) if no_grad else None
-            parts = []  # with autograd: per image, the heads' products, concatenated
-            for i in range(b):
-                for j in range(heads):
-                    cols = slice(j * d, (j + 1) * d)
-                    k_mean = qk[i, :, 1, cols].mean(0, keepdim=True).t()  # (d, 1)
-                    z = torch.mm(qk[i, :, 0, cols], k_mean).add_(1e-6).reciprocal_()  # (n, 1)
-                    kv = torch.mm(rot[i, :, 1, cols].t(), v[i, :, cols]).mul_(1.0 / n)  # (d, d)
-                    q_z = rot[i, :, 0, cols] * z
-                    if no_grad:
-                        out[i, :, cols].addmm_(q_z, kv)
-                    else:
-                        parts.append(torch.mm(q_z, kv))
-            if not no_grad:
-                per_image = [torch.cat(parts[i * heads : (i + 1) * heads], -1) for i in range(b)]
-                out = torch.stack(per_image) + lepe.reshape(b, n, c)
+            qk = F.elu(qk.to(dtype), inplace=not grad).add_(1.0).view(b, h * w, 2, c)
+            lepe = dwconv_nhwc(v, self.lepe).view(b, h * w, c)  # float32 weights and input
+            if grad or _tracing():
+                out = self._attend(qk, v.view(b, h * w, c), lepe, h, w)
+            else:
+                out = self._attend_inplace(qk, v.view(b, h * w, c), lepe, h, w)
         return out.view(b, h, w, c).to(x.dtype)
+
+    def _attend(self, qk, v, lepe, h: int, w: int) -> torch.Tensor:
+        """The attention core as four batched products over (B, heads) (autograd, tracing).
+
+        Args:
+            qk: (B, N, 2, C) ``ELU + 1`` of q and k.
+            v: (B, N, C) values.
+            lepe: (B, N, C) LePE of the values.
+
+        Returns:
+            Tensor: (B, N, C), ``LePE(v)`` plus the attention output.
+        """
+        heads, n = self.num_heads, h * w
+
+        def split(t):  # (B, N, C) -> (B, heads, N, d), a view
+            return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+        q, k = qk.unbind(2)
+        q_rot, k_rot = rope_rotate(qk, h, w).unbind(2)
+        k_mean = split(k).mean(2, keepdim=True)  # (B, heads, 1, d)
+        # the normaliser as (1 x d) @ (d x N), a fast GEMM shape
+        z = 1.0 / ((k_mean @ split(q).transpose(-2, -1)).transpose(-2, -1) + 1e-6)  # (B, h, N, 1)
+        kv = (split(k_rot).transpose(-2, -1) @ split(v)) * (1.0 / n)  # (B, heads, d, d)
+        out = (split(q_rot) * z) @ kv  # (B, heads, N, d)
+        return (lepe.unflatten(-1, (heads, -1)) + out.transpose(1, 2)).flatten(2)
+
+    def _attend_inplace(self, qk, v, lepe, h: int, w: int) -> torch.Tensor:
+        """:meth:`_attend` without autograd: rotation, scaling and the output product run in
+        place (the products accumulate into ``lepe``), per image, on strided per-head views."""
+        b, n, _, c = qk.shape
+        heads, d = self.num_heads, c // self.num_heads
+
+        def split(t):  # (N, C) -> (heads, N, d), a view
+            return t.view(n, heads, d).transpose(0, 1)
+
+        k_mean = qk[:, :, 1].mean(1).view(b, heads, 1, d)
+        z = []  # (heads, N, 1) per image; as a (1 x d) @ (d x N) product: a fast GEMM shape
+        for i in range(b):
+            dots = torch.bmm(k_mean[i], split(qk[i, :, 0]).transpose(1, 2))  # (heads, 1, N)
+            z.append(dots.add_(1e-6).reciprocal_().transpose(1, 2))
+        rot = rope_rotate(qk, h, w, inplace=True)
+        for i in range(b):
+            kv = torch.bmm(split(rot[i, :, 1]).transpose(1, 2), split(v[i])).mul_(1.0 / n)
+            split(lepe[i]).baddbmm_(split(rot[i, :, 0]).mul_(z[i]), kv)
+        return lepe
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}, num_heads={self.num_heads}'
@@ -402,8 +582,8 @@ class MLLABlock(nn.Module):
         x = dwconv_nhwc(x, self.cpe1, residual=True)
         shortcut = x
         x = self.norm1(x)
-        gate = F.silu(self.act_proj(x), inplace=no_grad)
-        x = F.silu(dwconv_nhwc(self.in_proj(x), self.dwc), inplace=no_grad)
+        gate = linear_act(x, self.act_proj, 'silu')
+        x = F.silu(dwconv_nhwc(linear_act(x, self.in_proj), self.dwc), inplace=no_grad)
         x = self.attn(x)
         x = x.mul_(gate) if no_grad else x * gate
         if isinstance(self.drop_path, nn.Identity) or not self.training:
@@ -411,10 +591,30 @@ class MLLABlock(nn.Module):
         else:
             x = shortcut + self.drop_path(self.out_proj(x))
         x = dwconv_nhwc(x, self.cpe2, residual=True)
-        hidden = self.mlp.act(self.mlp.fc1(self.norm2(x)))
-        if isinstance(self.drop_path, nn.Identity) or not self.training:
+        no_drop = isinstance(self.drop_path, nn.Identity) or not self.training
+        if no_grad and no_drop and not _tracing() and x.is_contiguous():
+            return self._mlp_inplace(x)
+        hidden = linear_act(self.norm2(x), self.mlp.fc1, 'gelu')
+        if no_drop:
             return _linear_residual(hidden, self.mlp.fc2, x)
         return x + self.drop_path(self.mlp.fc2(hidden))
+
+    def _mlp_inplace(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + MLP(LN(x))`` without autograd, in place, over chunks of tokens.
+
+        Every op of the MLP is per token, so chunks of at most :data:`CHUNK_ELEMENTS` hidden
+        activations give the same result while the 4x-wide hidden tensor never exists whole:
+        lower peak memory, and chunk buffers the allocator reuses instead of fresh pages.
+        """
+        tokens = x.view(-1, x.shape[-1])
+        step = max(1, CHUNK_ELEMENTS // self.mlp.fc1.out_features)
+        for start in range(0, tokens.shape[0], step):
+            rows = tokens[start : start + step]
+            hidden = linear_act(self.norm2(rows), self.mlp.fc1, 'gelu')
+            out = _linear_residual(hidden, self.mlp.fc2, rows)
+            if out is not rows:  # mixed dtypes under autocast: not accumulated in place
+                rows.copy_(out)
+        return x
 
 
 class MLLAStage(nn.Module):
@@ -478,10 +678,16 @@ class MLLA(BaseModule):
     """
 
     arch_zoo = {
-        **dict.fromkeys(['t', 'tiny'], dict(embed_dims=64, depths=(2, 4, 8, 4), num_heads=(2, 4, 8, 16))),
-        **dict.fromkeys(['s', 'small'], dict(embed_dims=64, depths=(3, 6, 21, 6), num_heads=(2, 4, 8, 16))),
-        **dict.fromkeys(['b', 'base'], dict(embed_dims=96, depths=(3, 6, 21, 6), num_heads=(3, 6, 12, 24))),
-    }  # fmt: skip
+        **dict.fromkeys(
+            ['t', 'tiny'], {'embed_dims': 64, 'depths': (2, 4, 8, 4), 'num_heads': (2, 4, 8, 16)}
+        ),
+        **dict.fromkeys(
+            ['s', 'small'], {'embed_dims': 64, 'depths': (3, 6, 21, 6), 'num_heads': (2, 4, 8, 16)}
+        ),
+        **dict.fromkeys(
+            ['b', 'base'], {'embed_dims': 96, 'depths': (3, 6, 21, 6), 'num_heads': (3, 6, 12, 24)}
+        ),
+    }
     num_stages = 4
 
     def __init__(
@@ -501,7 +707,9 @@ class MLLA(BaseModule):
         super().__init__(init_cfg=init_cfg)
         self.checkpoint_key = checkpoint_key
         self.arch = self._parse_arch(arch)
-        embed_dims, depths, num_heads = (self.arch[k] for k in ('embed_dims', 'depths', 'num_heads'))
+        embed_dims, depths, num_heads = (
+            self.arch[k] for k in ('embed_dims', 'depths', 'num_heads')
+        )
         self.embed_dims, self.depths, self.num_heads = embed_dims, tuple(depths), tuple(num_heads)
         self.in_channels = in_channels
         self.num_features = [embed_dims * 2**i for i in range(self.num_stages)]
@@ -553,7 +761,9 @@ class MLLA(BaseModule):
             raise TypeError(f'arch must be a name or a dict, got {type(arch).__name__}')
         missing = {'embed_dims', 'depths', 'num_heads'} - set(arch)
         if missing:
-            raise KeyError(f'Custom MLLA arch is missing {sorted(missing)}; got keys {sorted(arch)}')
+            raise KeyError(
+                f'Custom MLLA arch is missing {sorted(missing)}; got keys {sorted(arch)}'
+            )
         if len(arch['depths']) != cls.num_stages or len(arch['num_heads']) != cls.num_stages:
             raise ValueError('Custom MLLA arch needs 4 depths and 4 num_heads')
         return dict(arch)
@@ -588,8 +798,8 @@ class MLLA(BaseModule):
         if self.checkpoint_key != 'model' and entries and self.checkpoint_key not in entries:
             raise KeyError(
                 f'checkpoint_key={self.checkpoint_key!r}: the checkpoint has no such entry; its '
-                f'entries are {entries}. Official ImageNet files keep the weights in \'model\' '
-                '(and EMA weights, where saved, in \'model_ema\' or \'state_dict_ema\').'
+                f"entries are {entries}. Official ImageNet files keep the weights in 'model' "
+                "(and EMA weights, where saved, in 'model_ema' or 'state_dict_ema')."
             )
         if isinstance(state_dict.get(self.checkpoint_key), dict):
             weights = state_dict[self.checkpoint_key]
@@ -727,4 +937,3 @@ def convert_official_state_dict(
             key = 'norm3.' + key[5:]
         out[key] = value
     return out
-

@@ -52,9 +52,7 @@ def tiny_pair(**kwargs):
 # ---------------------------------------------------------------------------------------------
 # Variants and shapes
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    'arch,dims', [('t', 64), ('small', 64), ('b', 96)]
-)
+@pytest.mark.parametrize('arch,dims', [('t', 64), ('small', 64), ('b', 96)])
 def test_variants_shapes(arch, dims):
     model = MLLA(arch=arch).eval()
     with torch.no_grad():
@@ -111,7 +109,9 @@ def official_rope_complex(x: torch.Tensor) -> torch.Tensor:
     grid = torch.meshgrid([torch.arange(h), torch.arange(w)], indexing='ij')
     angles = torch.cat([t.unsqueeze(-1) * theta for t in grid], dim=-1)
     rot = torch.polar(torch.ones_like(angles), angles)
-    return torch.view_as_real(rot * torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))).flatten(-2)
+    return torch.view_as_real(rot * torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))).flatten(
+        -2
+    )
 
 
 @pytest.mark.parametrize('hw', [(7, 11), (14, 14), (1, 5)])
@@ -235,7 +235,9 @@ def test_get_layer_depth_with_mmpretrain_lr_decay():
     assert model.get_layer_depth('backbone.patch_embed.conv1.conv.weight', 'backbone.') == (0, n)
     assert model.get_layer_depth('backbone.layers.1.blocks.0.attn.qk.weight', 'backbone.') == (2, n)
     assert model.get_layer_depth('backbone.layers.1.blocks.1.attn.qk.weight', 'backbone.') == (3, n)
-    assert model.get_layer_depth('backbone.layers.1.downsample.conv.0.conv.weight', 'backbone.') == (
+    assert model.get_layer_depth(
+        'backbone.layers.1.downsample.conv.0.conv.weight', 'backbone.'
+    ) == (
         3,
         n,
     )
@@ -383,7 +385,10 @@ def test_ema_entry_on_request(tmp_path, key):
 def test_detector_checkpoint_with_prefix(tmp_path):
     model = MLLA(arch=TINY)
     path = tmp_path / 'det.pth'
-    state = {'backbone.' + k: v + 0.5 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    state = {
+        'backbone.' + k: v + 0.5 if v.is_floating_point() else v
+        for k, v in model.state_dict().items()
+    }
     state['neck.lateral_convs.0.conv.weight'] = torch.zeros(1)
     torch.save({'state_dict': state, 'meta': {}}, path)
     for init_cfg in (
@@ -392,7 +397,10 @@ def test_detector_checkpoint_with_prefix(tmp_path):
     ):
         loaded = MLLA(arch=TINY, init_cfg=init_cfg)
         loaded.init_weights()
-        assert torch.equal(loaded.layers[2].blocks[1].attn.qk.weight, state['backbone.layers.2.blocks.1.attn.qk.weight'])
+        assert torch.equal(
+            loaded.layers[2].blocks[1].attn.qk.weight,
+            state['backbone.layers.2.blocks.1.attn.qk.weight'],
+        )
 
 
 def test_checkpoint_of_another_variant_is_rejected(layouts, tmp_path):
@@ -427,3 +435,44 @@ def test_bad_inputs_name_the_problem():
     assert MLLA(arch=TINY, out_indices=(0,))(torch.randn(1, 3, 20, 9))[0].shape == (1, 32, 5, 3)
     with pytest.raises(ValueError, match='out_indices'):
         MLLA(arch=TINY, out_indices=(4,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Code paths of the optimised forward
+# ---------------------------------------------------------------------------------------------
+def test_every_code_path_matches_the_plain_transcription():
+    """The inference path (in-place attention, oneDNN fused linears, complex RoPE), the autograd
+    path (4-D products), the traced path (real-arithmetic RoPE, as ONNX export and torch.compile
+    take it) and float64 (no fused kernels) all give the plain transcription's outputs."""
+    model, ref = tiny_pair()
+    model.eval(), ref.eval()
+    x = torch.randn(2, 3, 37, 45)
+    with torch.no_grad():
+        refs = ref(x)
+        outs = {'inference': model(x)}
+        traced = torch.jit.trace(model, x, check_trace=False)
+        outs['traced'] = traced(x)
+        outs['traced, other batch'] = tuple(torch.cat(o) for o in zip(traced(x[:1]), traced(x[1:])))
+    outs['autograd'] = model(x)
+    assert outs['autograd'][0].requires_grad
+    for path, got in outs.items():
+        for o, r in zip(got, refs):
+            assert rel_err(o.detach(), r) <= 1e-5, path
+    with torch.no_grad():
+        got64 = model.double()(x.double())
+        ref64 = ref.double()(x.double())
+    assert all(rel_err(o, r) <= 1e-12 for o, r in zip(got64, ref64))
+
+
+def test_chunked_inference_matches(monkeypatch):
+    """The inference MLP runs over chunks of tokens and the patch merging over bands of rows;
+    many small chunks (one output row per band) give the same outputs."""
+    from mlla_mm.models.backbones import mlla as mlla_module
+
+    model, ref = tiny_pair()
+    model.eval(), ref.eval()
+    x = torch.randn(2, 3, 37, 45)
+    monkeypatch.setattr(mlla_module, 'CHUNK_ELEMENTS', 1000)  # 7 tokens per chunk at stage 0
+    with torch.no_grad():
+        for o, r in zip(model(x), ref(x)):
+            assert rel_err(o, r) <= 1e-5

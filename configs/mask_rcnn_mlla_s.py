@@ -1,0 +1,7 @@
+# Mask R-CNN + FPN, MLLA-S, COCO 1x: as mask_rcnn_mlla_t.py with the small arch.
+_base_ = './mask_rcnn_mlla_t.py'
+
+pretrained = 'checkpoints/MLLA_S.pth'
+model = dict(
+    backbone=dict(arch='small', init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+)

@@ -1,0 +1,676 @@
+"""Latency, throughput and memory of MLLA and its peers over a resolution sweep.
+
+The logic behind ``tools/benchmark.py``. Every model of a run sees the same input at each
+resolution, and the timed repeats are interleaved (round ``r`` times model A, then B, then C, then
+A again in round ``r + 1``), so a change of machine load hits all models alike; speed-ups are
+reported as the median of the per-round ratios. A float32 (or ``--dtype``) matrix product is timed
+in every round as well, so that each model's achieved FLOP/s can be given as a fraction of this
+machine's matrix-multiply rate measured under the same conditions.
+
+Peers (built only when their library is importable, otherwise reported as unavailable):
+
+* ``mlla_t|s|b``: this package's backbone; ``mlla_t_plain``: the plain transcription of the
+  equations (:class:`mlla_mm.testing.PlainMLLA`), the baseline; ``mlla_t_cp``: ``with_cp=True``;
+* ``swin_t``: mmdet's ``SwinTransformer`` (Mask R-CNN Swin-T settings, window 7);
+* ``convnext_t``: mmpretrain's ``ConvNeXt`` (tiny);
+* ``resnet50``: mmdet's ``ResNet`` (depth 50), or torchvision's without mmdet;
+* ``vit_b16``: mmpretrain's ``VisionTransformer`` (ViT-B/16, global softmax attention, position
+  embedding interpolated to the input), to show quadratic growth.
+
+Whole models: ``config:PATH`` names (``--config`` in the tool) build a detector / segmentor /
+classifier from a config and time ``model(inputs, data_samples, mode='tensor')``.
+
+Memory is the peak growth during one extra, untimed iteration: the CUDA allocator's peak over
+what was allocated before it on GPU, and on CPU the growth of the process's peak resident set
+(``VmHWM`` reset through ``/proc/self/clear_refs`` after ``malloc_trim``; a sampling thread where
+that is not available).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import ctypes
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    'PEERS',
+    'BenchConfig',
+    'parse_size',
+    'build_peer',
+    'run_benchmark',
+    'summarise',
+    'write_csv',
+    'write_json',
+    'plot',
+]
+
+DEFAULT_SIZES = ('512x512', '1280x800', '1024x1024', '1536x1536', '2048x2048')
+DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------
+# Peers
+# ------------------------------------------------------------------------------------------
+def _mlla(arch: str, **kwargs) -> nn.Module:
+    from mlla_mm import MLLA
+
+    model = MLLA(arch, drop_path_rate=0.0, **kwargs)
+    model.init_weights()
+    return model
+
+
+def _mlla_plain(arch: str) -> nn.Module:
+    from mlla_mm import MLLA
+    from mlla_mm.testing import PlainMLLA
+
+    ref = MLLA(arch, drop_path_rate=0.0)
+    ref.init_weights()
+    plain = PlainMLLA(ref.embed_dims, ref.depths, ref.num_heads)
+    plain.load_state_dict(ref.state_dict())
+    return plain
+
+
+def _swin_t() -> nn.Module:
+    from mmdet.models.backbones import SwinTransformer
+
+    return SwinTransformer(
+        embed_dims=96,
+        depths=(2, 2, 6, 2),
+        num_heads=(3, 6, 12, 24),
+        window_size=7,
+        mlp_ratio=4,
+        qkv_bias=True,
+        drop_path_rate=0.0,
+        patch_norm=True,
+        out_indices=(0, 1, 2, 3),
+        convert_weights=False,
+    )
+
+
+def _convnext_t() -> nn.Module:
+    from mmpretrain.models.backbones import ConvNeXt
+
+    return ConvNeXt(arch='tiny', out_indices=(0, 1, 2, 3), gap_before_final_norm=False)
+
+
+def _resnet50() -> nn.Module:
+    try:
+        from mmdet.models.backbones import ResNet
+    except ImportError:
+        import torchvision
+
+        net = torchvision.models.resnet50()
+        return nn.Sequential(*list(net.children())[:-2])
+    return ResNet(depth=50, out_indices=(0, 1, 2, 3))
+
+
+def _vit_b16() -> nn.Module:
+    from mmpretrain.models.backbones import VisionTransformer
+
+    return VisionTransformer(arch='b', img_size=224, patch_size=16, out_type='featmap')
+
+
+# name -> (description, builder)
+PEERS: dict = {
+    'mlla_t': ('MLLA-T (this package)', lambda: _mlla('tiny')),
+    'mlla_s': ('MLLA-S (this package)', lambda: _mlla('small')),
+    'mlla_b': ('MLLA-B (this package)', lambda: _mlla('base')),
+    'mlla_t_cp': ('MLLA-T, with_cp=True', lambda: _mlla('tiny', with_cp=True)),
+    'mlla_t_plain': ('MLLA-T, plain transcription (baseline)', lambda: _mlla_plain('tiny')),
+    'mlla_s_plain': ('MLLA-S, plain transcription', lambda: _mlla_plain('small')),
+    'mlla_b_plain': ('MLLA-B, plain transcription', lambda: _mlla_plain('base')),
+    'swin_t': ('Swin-T (mmdet)', _swin_t),
+    'convnext_t': ('ConvNeXt-T (mmpretrain)', _convnext_t),
+    'resnet50': ('ResNet-50 (mmdet, or torchvision)', _resnet50),
+    'vit_b16': ('ViT-B/16, global attention (mmpretrain)', _vit_b16),
+}
+ARCH_ALIASES = {'t': 'mlla_t', 'tiny': 'mlla_t', 's': 'mlla_s', 'small': 'mlla_s'}
+ARCH_ALIASES.update({'b': 'mlla_b', 'base': 'mlla_b'})
+
+
+class _ConfigModel(nn.Module):
+    """A whole model from a config, called as ``model(inputs, data_samples, mode='tensor')``."""
+
+    def __init__(self, config: str) -> None:
+        super().__init__()
+        from mlla_mm.flops import build_from_config
+
+        self.model, self.scope = build_from_config(config)
+
+    def forward(self, x: torch.Tensor):
+        from mlla_mm.flops import model_inputs
+
+        _, samples = model_inputs(self.model, self.scope, *x.shape[-2:], batch_size=x.shape[0])
+        return self.model(x, samples, mode='tensor')
+
+
+def build_peer(name: str) -> nn.Module:
+    """Build a model of :data:`PEERS`, or a whole model for ``config:PATH``.
+
+    Raises:
+        KeyError: For an unknown name (the message lists the known ones).
+        ImportError: When the peer's library is not installed.
+    """
+    if name.startswith('config:'):
+        return _ConfigModel(name[len('config:') :])
+    if name not in PEERS:
+        raise KeyError(f'Unknown model {name!r}; choose from {sorted(PEERS)} or config:PATH')
+    return PEERS[name][1]()
+
+
+# ------------------------------------------------------------------------------------------
+# Measurement helpers
+# ------------------------------------------------------------------------------------------
+def parse_size(text: str) -> tuple:
+    """``'1280x800'`` (width x height) or ``'1024'`` (square) -> ``(height, width)``."""
+    parts = text.lower().replace('*', 'x').split('x')
+    if len(parts) == 1:
+        return int(parts[0]), int(parts[0])
+    if len(parts) == 2:
+        return int(parts[1]), int(parts[0])
+    raise ValueError(f'size {text!r}: use WIDTHxHEIGHT (e.g. 1280x800) or one number')
+
+
+def _size_name(hw: tuple) -> str:
+    return f'{hw[1]}x{hw[0]}'
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _tensors(obj) -> list:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    return [t for t in vars(obj).values() for t in _tensors(t)] if hasattr(obj, '__dict__') else []
+
+
+def _rss_kb(field_name: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field_name):
+                return int(line.split()[1])
+    return 0
+
+
+class _PeakMemory:
+    """Peak memory growth over a block (bytes): CUDA allocator peak, or CPU peak RSS growth."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+        self._sampler = None
+
+    def __enter__(self) -> _PeakMemory:
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        with contextlib.suppress(OSError, AttributeError):  # free heap back: growth is growth
+            ctypes.CDLL('libc.so.6').malloc_trim(0)
+        self._base = _rss_kb('VmRSS:') * 1024
+        try:
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')  # resets VmHWM (the peak RSS) to the current RSS
+            self._hwm = True
+        except OSError:
+            self._hwm = False
+            self._sampled = self._base
+            self._stop = threading.Event()
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self._sampled = max(self._sampled, _rss_kb('VmRSS:') * 1024)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        elif self._hwm:
+            self.peak = _rss_kb('VmHWM:') * 1024 - self._base
+        else:
+            self._stop.set()
+            self._sampler.join()
+            self.peak = self._sampled - self._base
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
+    """Best-of-``repeats`` FLOP/s of an ``n x n`` by ``n x n`` matrix product."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    torch.mm(a, b, out=out)
+    best = math.inf
+    for _ in range(repeats):
+        _synchronize(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        _synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+class _Progress:
+    """One status line (rewritten in place on a terminal, one line per step otherwise)."""
+
+    def __init__(self, total: int, stream=None) -> None:
+        self.total, self.done = max(total, 1), 0
+        self.stream = stream or sys.stderr
+        self.start = time.perf_counter()
+        self.tty = hasattr(self.stream, 'isatty') and self.stream.isatty()
+
+    def step(self, text: str, advance: int = 1) -> None:
+        self.done += advance
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        pct = 100.0 * self.done / self.total
+        line = f'[{pct:5.1f}% {elapsed:6.0f}s eta {eta:5.0f}s] {text}'
+        if self.tty:
+            self.stream.write('\r\033[K' + line)
+        else:
+            self.stream.write(line + '\n')
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write('\n')
+
+
+# ------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------
+@dataclass
+class BenchConfig:
+    """What to measure.
+
+    Attributes:
+        models: Names of :data:`PEERS` or ``config:PATH``.
+        sizes: ``(height, width)`` inputs.
+        batch_size: Images per batch.
+        device: ``'cpu'`` or ``'cuda'``.
+        dtype: ``'fp32'``, or ``'fp16'``/``'bf16'`` (autocast).
+        threads: CPU threads (``torch.set_num_threads``); None leaves the default.
+        channels_last: Model and input in channels-last memory format.
+        compile: Wrap each model in ``torch.compile``.
+        mode: ``'infer'`` (no autograd) or ``'train'`` (forward + backward of the outputs' mean).
+        warmup: Untimed iterations per model and size.
+        repeats: Timed iterations per model and size (interleaved across models).
+        flops: Count the MACs of each model at each size (one extra, uncounted forward).
+        memory: Measure the peak memory growth (one extra, untimed iteration).
+        baseline: Model the others are compared to (``speedup`` columns), if in ``models``.
+        max_seconds: Skip a model at larger sizes once one iteration took longer than this.
+        seed: Seed of the weights and the input.
+    """
+
+    models: Sequence[str] = (
+        'mlla_t',
+        'mlla_t_plain',
+        'swin_t',
+        'convnext_t',
+        'resnet50',
+        'vit_b16',
+    )
+    sizes: Sequence[tuple] = tuple(parse_size(s) for s in DEFAULT_SIZES)
+    batch_size: int = 1
+    device: str = 'cpu'
+    dtype: str = 'fp32'
+    threads: int | None = None
+    channels_last: bool = False
+    compile: bool = False
+    mode: str = 'infer'
+    warmup: int = 2
+    repeats: int = 10
+    flops: bool = True
+    memory: bool = True
+    baseline: str | None = 'mlla_t_plain'
+    max_seconds: float = 120.0
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _environment(cfg: BenchConfig, device: torch.device) -> dict:
+    env = {
+        'torch': torch.__version__,
+        'python': platform.python_version(),
+        'machine': platform.machine(),
+        'processor': _cpu_name(),
+        'cpu_count': os.cpu_count(),
+        'threads': torch.get_num_threads(),
+        'device': str(device),
+        'command': ' '.join(sys.argv),
+        'time': time.strftime('%Y-%m-%d %H:%M:%S'),
+    }
+    if device.type == 'cuda':
+        env['gpu'] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _make_step(model: nn.Module, cfg: BenchConfig, device: torch.device) -> Callable:
+    dtype = DTYPES[cfg.dtype]
+    autocast = dtype != torch.float32
+
+    def infer(x):
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            return model(x)
+
+    def train(x):
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            outs = _tensors(model(x))
+        loss = sum(o.float().mean() for o in outs if o.requires_grad)
+        loss.backward()
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.zero_()  # gradients stay allocated: memory growth is the activations'
+
+    return train if cfg.mode == 'train' else infer
+
+
+def _prepare(name: str, cfg: BenchConfig, device: torch.device) -> nn.Module:
+    torch.manual_seed(cfg.seed)
+    model = build_peer(name).to(device)
+    model.train(cfg.mode == 'train')
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model = torch.compile(model)
+    return model
+
+
+def run_benchmark(cfg: BenchConfig, log: Callable = print) -> dict:
+    """Measure every model of ``cfg`` at every size; see the module docstring.
+
+    Returns:
+        dict: ``env`` (machine, versions, settings), ``records`` (one per model and size, with
+        ``latency_ms`` (all repeats), ``median_ms``, ``p90_ms``, ``images_per_s``,
+        ``peak_mem_mb``, ``params``, ``gmacs``, ``tflops_achieved``, ``matmul_fraction``,
+        ``speedup`` over the baseline, ``status``) and ``matmul_gflops`` per size.
+    """
+    device = torch.device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dtype = DTYPES[cfg.dtype]
+    env = _environment(cfg, device)
+    env['settings'] = {k: v for k, v in asdict(cfg).items() if k != 'extra'}
+    env['settings']['sizes'] = [_size_name(s) for s in cfg.sizes]
+    env['load_start'] = _loadavg()
+
+    models: dict = {}
+    records: list = []
+    unavailable: dict = {}
+    for name in cfg.models:
+        try:
+            models[name] = _prepare(name, cfg, device)
+        except (ImportError, ModuleNotFoundError) as e:
+            unavailable[name] = f'unavailable: {e}'
+            log(f'{name}: skipped, {e}')
+    rounds = cfg.warmup + cfg.repeats + int(cfg.flops) + int(cfg.memory)
+    progress = _Progress(len(cfg.sizes) * (len(models) * rounds + cfg.repeats))
+    too_slow: set = set()
+    matmul = {}
+    for hw in cfg.sizes:
+        size = _size_name(hw)
+        torch.manual_seed(cfg.seed)
+        x = torch.randn(cfg.batch_size, 3, *hw, device=device)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        active = {n: m for n, m in models.items() if n not in too_slow}
+        rec = {n: _record(n, models[n], cfg, hw) for n in active}
+        steps = {n: _make_step(m, cfg, device) for n, m in active.items()}
+        loads = [_loadavg()]
+        for name in list(active):  # warm-up, one model after the other
+            try:
+                for _ in range(cfg.warmup):
+                    t0 = time.perf_counter()
+                    steps[name](x)
+                    _synchronize(device)
+                    progress.step(f'{name} {size} warm-up')
+                    if time.perf_counter() - t0 > cfg.max_seconds:
+                        too_slow.add(name)
+            except (RuntimeError, MemoryError) as e:  # out of memory, unsupported op
+                rec[name]['status'] = f'error: {type(e).__name__}: {str(e).splitlines()[0]}'
+                del active[name]
+        rates = []
+        for r in range(cfg.repeats):  # timed repeats, interleaved
+            for name in active:
+                _synchronize(device)
+                t0 = time.perf_counter()
+                steps[name](x)
+                _synchronize(device)
+                rec[name]['latency_ms'].append(1e3 * (time.perf_counter() - t0))
+                progress.step(f'{name} {size} repeat {r + 1}/{cfg.repeats}')
+            rates.append(matmul_rate(device, dtype))
+            progress.step(f'matmul {size} repeat {r + 1}/{cfg.repeats}')
+            loads.append(_loadavg())
+        matmul[size] = statistics.median(rates) / 1e9 if rates else None
+        for name in active:
+            if cfg.memory:
+                with _PeakMemory(device) as peak:
+                    steps[name](x)
+                rec[name]['peak_mem_mb'] = peak.peak / 2**20
+                progress.step(f'{name} {size} memory')
+            if cfg.flops:
+                from mlla_mm.flops import count_flops
+
+                report = count_flops(getattr(models[name], '_orig_mod', models[name]), x)
+                per_image = 1e9 * cfg.batch_size
+                rec[name]['gmacs'] = report.macs / per_image
+                rec[name]['gmacs_by_kind'] = {k: v / per_image for k, v in report.by_kind.items()}
+                progress.step(f'{name} {size} flops')
+        for name in active:
+            _finish(rec[name], cfg, matmul[size], loads)
+        _speedups(rec, cfg)
+        records.extend(rec.values())
+        for name in set(models) - set(active) - set(rec):
+            records.append(dict(_record(name, models[name], cfg, hw), status='skipped: too slow'))
+    progress.close()
+    for name, why in unavailable.items():
+        records.append({'model': name, 'status': why})
+    env['load_end'] = _loadavg()
+    return {'env': env, 'matmul_gflops': matmul, 'records': records}
+
+
+def _record(name: str, model: nn.Module, cfg: BenchConfig, hw: tuple) -> dict:
+    desc = PEERS[name][0] if name in PEERS else name
+    return {
+        'model': name,
+        'description': desc,
+        'size': _size_name(hw),
+        'height': hw[0],
+        'width': hw[1],
+        'pixels': hw[0] * hw[1],
+        'batch_size': cfg.batch_size,
+        'mode': cfg.mode,
+        'dtype': cfg.dtype,
+        'params': sum(p.numel() for p in model.parameters()),
+        'latency_ms': [],
+        'status': 'ok',
+    }
+
+
+def _finish(rec: dict, cfg: BenchConfig, matmul_gflops: float | None, loads: list) -> None:
+    lat = sorted(rec['latency_ms'])
+    if not lat:
+        return
+    rec['median_ms'] = statistics.median(lat)
+    rec['p90_ms'] = lat[min(len(lat) - 1, math.ceil(0.9 * len(lat)) - 1)]
+    rec['images_per_s'] = cfg.batch_size / (rec['median_ms'] / 1e3)
+    rec['load'] = [v for v in loads if v is not None]
+    if 'gmacs' in rec:  # a training step does ~3x the forward's work (forward, 2 backward GEMMs)
+        work = 3 if cfg.mode == 'train' else 1
+        rec['gflops_achieved'] = 2 * work * rec['gmacs'] * cfg.batch_size / (rec['median_ms'] / 1e3)
+        if matmul_gflops:
+            rec['matmul_fraction'] = rec['gflops_achieved'] / matmul_gflops
+
+
+def _speedups(rec: dict, cfg: BenchConfig) -> None:
+    """Speed-up over the baseline: the median of the per-round latency ratios."""
+    base = rec.get(cfg.baseline)
+    if not base or not base['latency_ms']:
+        return
+    for r in rec.values():
+        if r['latency_ms'] and len(r['latency_ms']) == len(base['latency_ms']):
+            ratios = [b / a for a, b in zip(r['latency_ms'], base['latency_ms'])]
+            r['speedup_vs_' + cfg.baseline] = statistics.median(ratios)
+
+
+def paired_ratio(records: list, a: str, b: str, size: str) -> float | None:
+    """Median over rounds of ``latency(b) / latency(a)`` at ``size`` (> 1: ``a`` is faster)."""
+    ra = _find(records, a, size)
+    rb = _find(records, b, size)
+    if not ra or not rb or len(ra['latency_ms']) != len(rb['latency_ms']) or not ra['latency_ms']:
+        return None
+    return statistics.median(y / x for x, y in zip(ra['latency_ms'], rb['latency_ms']))
+
+
+def _find(records: list, model: str, size: str) -> dict | None:
+    for r in records:
+        if r['model'] == model and r.get('size') == size and r.get('latency_ms'):
+            return r
+    return None
+
+
+def summarise(result: dict) -> str:
+    """A table of the records, then the scaling ratios between the largest two square sizes."""
+    rows = [r for r in result['records'] if r.get('size')]
+    head = (
+        f'{"model":<14s} {"size":>10s} {"median ms":>10s} {"p90 ms":>9s} {"img/s":>7s} '
+        f'{"mem MB":>8s} {"GMACs":>8s} {"%mm":>5s} {"vs base":>7s}  status'
+    )
+    lines = [head, '-' * len(head)]
+    for r in rows:
+        speed = next((v for k, v in r.items() if k.startswith('speedup_vs_')), None)
+        lines.append(
+            f'{r["model"]:<14s} {r["size"]:>10s} {_f(r.get("median_ms"), 10, 0)} '
+            f'{_f(r.get("p90_ms"), 9, 0)} {_f(r.get("images_per_s"), 7, 2)} '
+            f'{_f(r.get("peak_mem_mb"), 8, 0)} {_f(r.get("gmacs"), 8, 1)} '
+            f'{_f(100 * r["matmul_fraction"] if "matmul_fraction" in r else None, 5, 0)} '
+            f'{_f(speed, 7, 2)}  {r["status"]}'
+        )
+    for r in result['records']:
+        if not r.get('size'):
+            lines.append(f'{r["model"]:<14s} {r["status"]}')
+    mm = ', '.join(f'{k}: {v:.1f}' for k, v in result['matmul_gflops'].items() if v)
+    lines.append(f'matmul rate (GFLOP/s, median per size): {mm}')
+    for text in scaling(result):
+        lines.append(text)
+    return '\n'.join(lines)
+
+
+def scaling(result: dict) -> list:
+    """Latency and memory ratios between 2048x2048 and 1024x1024 (4.0 is linear)."""
+    out = []
+    models = dict.fromkeys(r['model'] for r in result['records'])
+    for m in models:
+        lo, hi = _find(result['records'], m, '1024x1024'), _find(result['records'], m, '2048x2048')
+        if lo and hi:
+            lat = hi['median_ms'] / lo['median_ms']
+            mem = hi.get('peak_mem_mb', 0) / max(lo.get('peak_mem_mb', 0), 1e-9)
+            out.append(f'{m}: 2048^2 / 1024^2 latency x{lat:.2f}, peak memory x{mem:.2f}')
+    return out
+
+
+def _f(v, width: int, digits: int) -> str:
+    return f'{v:>{width}.{digits}f}' if isinstance(v, (int, float)) else f'{"-":>{width}s}'
+
+
+# ------------------------------------------------------------------------------------------
+# Output
+# ------------------------------------------------------------------------------------------
+def write_json(result: dict, path: str) -> None:
+    with open(path, 'w') as f:
+        json.dump(result, f, indent=1)
+
+
+CSV_FIELDS = (
+    'model', 'size', 'height', 'width', 'pixels', 'batch_size', 'mode', 'dtype', 'median_ms',
+    'p90_ms', 'images_per_s', 'peak_mem_mb', 'params', 'gmacs', 'gflops_achieved',
+    'matmul_fraction', 'status',
+)  # fmt: skip
+
+
+def write_csv(result: dict, path: str) -> None:
+    with open(path, 'w', newline='') as f:
+        extra = sorted({k for r in result['records'] for k in r if k.startswith('speedup_vs_')})
+        writer = csv.DictWriter(f, fieldnames=[*CSV_FIELDS, *extra], extrasaction='ignore')
+        writer.writeheader()
+        for r in result['records']:
+            writer.writerow(r)
+
+
+def plot(result: dict, path: str, title: str | None = None) -> None:
+    """Log-log latency and peak memory against the pixel count, one line per model."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    models = dict.fromkeys(r['model'] for r in result['records'] if r.get('median_ms'))
+    for key, ax, label in (
+        ('median_ms', axes[0], 'median latency (ms)'),
+        ('peak_mem_mb', axes[1], 'peak memory growth (MB)'),
+    ):
+        for m in models:
+            pts = sorted(
+                (r['pixels'], r[key]) for r in result['records']
+                if r['model'] == m and r.get(key) and r[key] > 0
+            )  # fmt: skip
+            if pts:
+                ax.plot(*zip(*pts), marker='o', label=m)
+        ax.set_xscale('log')
+        ax.set_yscale('log')
+        ax.set_xlabel('pixels per image')
+        ax.set_ylabel(label)
+        ax.grid(True, which='both', alpha=0.3)
+    axes[0].legend(fontsize=8)
+    env = result['env']
+    fig.suptitle(
+        title
+        or f'{env["settings"]["mode"]}, {env["settings"]["dtype"]}, batch '
+        f'{env["settings"]["batch_size"]}, {env["device"]} ({env.get("gpu", env["processor"])}, '
+        f'{env["threads"]} threads)',
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

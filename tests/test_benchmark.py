@@ -1,0 +1,117 @@
+"""Tests of ``mlla_mm.benchmark`` and ``tools/benchmark.py`` at tiny sizes: the run produces
+JSON, CSV and PNG files with sane fields (no timing assertions)."""
+
+import csv
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlla_mm import MLLA
+from mlla_mm.benchmark import PEERS, BenchConfig, parse_size, run_benchmark, summarise
+from mlla_mm.flops import mlla_macs
+from mlla_mm.testing import PlainMLLA
+
+ROOT = Path(__file__).parents[1]
+TINY = {'embed_dims': 32, 'depths': (1, 2, 2, 1), 'num_heads': (1, 2, 4, 8)}
+
+
+def _missing_peer():
+    raise ImportError('No module named "not_installed"')
+
+
+@pytest.fixture
+def tiny_peers(monkeypatch):
+    """Tiny stand-ins registered as peers (the real ones are full-size)."""
+
+    def plain():
+        ref = MLLA(arch=TINY, drop_path_rate=0.0)
+        model = PlainMLLA(**TINY)
+        model.load_state_dict(ref.state_dict())
+        return model
+
+    monkeypatch.setitem(PEERS, 'tiny', ('MLLA tiny widths', lambda: MLLA(arch=TINY)))
+    monkeypatch.setitem(PEERS, 'tiny_cp', ('with_cp', lambda: MLLA(arch=TINY, with_cp=True)))
+    monkeypatch.setitem(PEERS, 'tiny_plain', ('plain transcription', plain))
+    monkeypatch.setitem(PEERS, 'missing', ('a peer whose library is absent', _missing_peer))
+
+
+def test_parse_size():
+    assert parse_size('1280x800') == (800, 1280)
+    assert parse_size('1024') == (1024, 1024)
+    with pytest.raises(ValueError, match='WIDTHxHEIGHT'):
+        parse_size('1x2x3')
+
+
+def test_tool_writes_json_csv_png(tiny_peers, tmp_path, capsys):
+    tool = runpy.run_path(str(ROOT / 'tools' / 'benchmark.py'))
+    out = tmp_path / 'bench'
+    argv = ['--models', 'tiny', 'tiny_plain', 'missing', '--baseline', 'tiny_plain']
+    argv += ['--sizes', '64x48', '67', '--repeats', '3', '--warmup', '1', '--out', str(out)]
+    tool['main'](argv)
+    printed = capsys.readouterr()
+    assert 'median ms' in printed.out and 'matmul rate' in printed.out
+    assert 'repeat 3/3' in printed.err  # the progress display
+
+    result = json.loads((out / 'results.json').read_text())
+    assert result['env']['settings']['sizes'] == ['64x48', '67x67']
+    assert result['env']['torch'] == torch.__version__
+    records = {(r['model'], r.get('size')): r for r in result['records']}
+    assert records[('missing', None)]['status'].startswith('unavailable')
+    for model in ('tiny', 'tiny_plain'):
+        for size, (h, w) in (('64x48', (48, 64)), ('67x67', (67, 67))):
+            r = records[(model, size)]
+            assert r['status'] == 'ok' and (r['height'], r['width'], r['pixels']) == (h, w, h * w)
+            assert len(r['latency_ms']) == 3 and all(t > 0 for t in r['latency_ms'])
+            assert r['median_ms'] <= r['p90_ms'] <= max(r['latency_ms'])
+            assert r['images_per_s'] == pytest.approx(1e3 / r['median_ms'])
+            assert r['peak_mem_mb'] >= 0
+            assert r['gmacs'] * 1e9 == pytest.approx(mlla_macs(**TINY, height=h, width=w)['total'])
+            assert 0 < r['matmul_fraction'] < 2
+            assert r['speedup_vs_tiny_plain'] > 0
+            assert r['params'] == sum(p.numel() for p in MLLA(arch=TINY).parameters())
+    assert records[('tiny_plain', '67x67')]['speedup_vs_tiny_plain'] == 1.0
+    assert all(v > 0 for v in result['matmul_gflops'].values())
+
+    with open(out / 'results.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 and {'median_ms', 'p90_ms', 'peak_mem_mb', 'gmacs'} <= set(rows[0])
+    assert float(rows[0]['median_ms']) > 0
+    png = (out / 'results.png').read_bytes()
+    assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10_000
+
+
+def test_training_mode_and_slow_models_are_skipped(tiny_peers):
+    cfg = BenchConfig(
+        models=['tiny', 'tiny_cp'],
+        sizes=[(40, 56), (64, 64)],
+        mode='train',
+        warmup=1,
+        repeats=2,
+        baseline='tiny',
+        max_seconds=0.0,  # every model is "too slow" after the first size
+    )
+    result = run_benchmark(cfg, log=lambda *a: None)
+    first = [r for r in result['records'] if r['size'] == '56x40']
+    assert [r['status'] for r in first] == ['ok', 'ok']
+    assert all(r['peak_mem_mb'] > 0 and r['gflops_achieved'] > 0 for r in first)
+    later = [r for r in result['records'] if r['size'] == '64x64']
+    assert [r['status'] for r in later] == ['skipped: too slow'] * 2
+    assert 'skipped: too slow' in summarise(result)
+
+
+def test_whole_model_mode_from_a_config(tmp_path):
+    pytest.importorskip('mmdet')
+    tool = runpy.run_path(str(ROOT / 'tools' / 'benchmark.py'))
+    config = str(ROOT / 'configs' / 'toy' / 'mask_rcnn_mlla_t_toy.py')
+    argv = ['--config', config, '--sizes', '128x96', '--repeats', '1', '--warmup', '1']
+    result = tool['main']([*argv, '--out', str(tmp_path)])
+    (record,) = result['records']
+    assert record['model'] == f'config:{config}' and record['status'] == 'ok'
+    backbone = mlla_macs(64, (2, 4, 8, 4), (2, 4, 8, 16), 96, 128)
+    # the whole detector: backbone, FPN, RPN and RoI heads
+    assert record['gmacs'] * 1e9 > 2 * backbone['total']
+    assert record['gmacs_by_kind']['attention'] * 1e9 == pytest.approx(backbone['attention'])
+    assert record['params'] > 40e6

@@ -1,0 +1,54 @@
+"""End to end through the tools: train -> checkpoint -> test -> image demo, on toy COCO data."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from det_helpers import read_test_metrics, run_tool, write_det_config
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+
+def test_train_checkpoint_test_and_image_demo(toy_coco, tmp_path):
+    cfg = write_det_config(tmp_path / 'toy_tiny.py', toy_coco, max_iters=4, ckpt_interval=4)
+    work = tmp_path / 'train'
+    train = run_tool('tools/train.py', cfg, '--work-dir', work)
+    log = train.stdout + train.stderr
+    assert 'Iter(train) [4/4]' in log and 'coco/bbox_mAP_50' in log  # trained, then validated
+
+    # The checkpoint loads with torch.load's default weights_only=True (import mlla_mm
+    # allow-lists the types mmengine stores), and holds what --resume needs.
+    import mlla_mm  # noqa: F401
+
+    ckpt = work / 'iter_4.pth'
+    assert (work / 'last_checkpoint').read_text().strip() == str(ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    assert state['meta']['iter'] == 4 and state['meta']['dataset_meta']['classes'][0] == 'circle'
+    assert {'state_dict', 'optimizer', 'param_schedulers', 'message_hub'} <= set(state)
+
+    preds = tmp_path / 'preds.pkl'
+    run_tool('tools/test.py', cfg, ckpt, '--work-dir', tmp_path / 'test', '--out', preds)
+    metrics = read_test_metrics(tmp_path / 'test')
+    for key in ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP', 'coco/segm_mAP_50'):
+        assert -1 <= metrics[key] <= 1, key  # COCOeval's -1: no prediction above the threshold
+    with open(preds, 'rb') as f:
+        results = pickle.load(f)
+    assert len(results) == 4  # one per toy val image
+    assert {'bboxes', 'scores', 'labels', 'masks'} <= set(results[0]['pred_instances'])
+
+    img = toy_coco / 'val' / '000001.png'
+    out = tmp_path / 'demo.png'
+    demo = run_tool('tools/image_demo.py', img, cfg, ckpt, '--out-file', out, '--score-thr', '0.0')
+    assert '"task": "detection"' in demo.stdout
+    drawn, src = np.asarray(Image.open(out).convert('RGB')), np.asarray(Image.open(img))
+    assert drawn.shape == src.shape and not np.array_equal(drawn, src)  # boxes were drawn
+
+
+def test_test_tool_rejects_a_missing_checkpoint(toy_coco, tmp_path):
+    cfg = write_det_config(tmp_path / 'toy_tiny.py', toy_coco)
+    proc = run_tool('tools/test.py', cfg, tmp_path / 'nope.pth', check=False)
+    assert proc.returncode != 0 and 'nope.pth' in proc.stderr and 'does not exist' in proc.stderr
