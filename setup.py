@@ -4,6 +4,8 @@ The backbone needs only ``torch`` and ``mmengine``; the task extras pull in the
 OpenMMLab libraries (``pip install -e .[det,seg,cls]``).
 """
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 EXTRAS = {
@@ -20,7 +22,7 @@ setup(
     name='mlla_mm',
     version='0.1.0',
     description='MLLA (Mamba-Like Linear Attention) backbones for mmdet, mmseg and mmpretrain',
-    long_description=open('README.md', encoding='utf-8').read(),
+    long_description=Path(__file__).with_name('README.md').read_text(encoding='utf-8'),
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     python_requires='>=3.9',

@@ -6,9 +6,9 @@ so that ``torch.load(weights_only=True)`` (the default from torch 2.6) loads the
 and ``mmengine`` are needed; the task pieces import mmdet/mmseg/mmpretrain lazily.
 """
 
-from .safe_load import register_safe_globals
-from .registry import MODELS
 from .models import MLLA
+from .registry import MODELS
+from .safe_load import register_safe_globals
 
 __version__ = '0.1.0'
 __all__ = ['MLLA', 'MODELS', 'register_safe_globals', '__version__']

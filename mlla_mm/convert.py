@@ -68,10 +68,16 @@ def infer_arch(backbone_sd: dict) -> str:
     try:
         embed = backbone_sd['patch_embed.conv3.1.conv.weight'].shape[0]
     except KeyError as e:
-        raise ValueError('Not an MLLA state dict: patch_embed.conv3.1.conv.weight is missing') from e
+        raise ValueError(
+            'Not an MLLA state dict: patch_embed.conv3.1.conv.weight is missing'
+        ) from e
     depths = []
     for i in range(4):
-        blocks = {int(m.group(1)) for k in backbone_sd if (m := re.match(rf'layers\.{i}\.blocks\.(\d+)\.', k))}
+        blocks = {
+            int(m.group(1))
+            for k in backbone_sd
+            if (m := re.match(rf'layers\.{i}\.blocks\.(\d+)\.', k))
+        }
         depths.append(len(blocks))
     for name in ('tiny', 'small', 'base'):
         arch = MLLA.arch_zoo[name]
@@ -90,7 +96,10 @@ def _check_backbone(sd: dict, arch: str | dict, where: str) -> None:
         raise KeyError(f'{where}: keys not understood (not MLLA-{arch} keys): {unknown[:10]}')
     for k, v in sd.items():
         if tuple(v.shape) != tuple(model_sd[k].shape):
-            raise ValueError(f'{where}: {k} has shape {tuple(v.shape)}, MLLA-{arch} expects {tuple(model_sd[k].shape)}')
+            raise ValueError(
+                f'{where}: {k} has shape {tuple(v.shape)}, '
+                f'MLLA-{arch} expects {tuple(model_sd[k].shape)}'
+            )
 
 
 def convert_state_dict(sd: dict, task: str, arch: str | dict | None = None) -> OrderedDict:

@@ -45,7 +45,7 @@ def build_classifier(arch: str):
 def test_cls_conversion_covers_every_key(arch):
     official = fake_official(LAYOUTS[f'cls_{arch}'])
     converted = convert_state_dict(official, 'cls')
-    assert infer_arch({k: v for k, v in official.items()}) == arch
+    assert infer_arch(dict(official)) == arch
     model_keys = set(build_classifier(arch).state_dict())
     assert set(converted) == model_keys
     rope = [k for k in official if k.endswith('attn.rope.rotations')]
@@ -58,9 +58,15 @@ def test_cls_conversion_covers_every_key(arch):
 @pytest.mark.parametrize('arch', ['tiny', 'small', 'base'])
 def test_downstream_conversion_covers_every_key(task, arch):
     backbone = fake_official(LAYOUTS[f'downstream_{arch}'])
-    heads = {'det': ['neck.fpn_convs.0.conv.weight', 'rpn_head.rpn_cls.weight',
-                     'roi_head.bbox_head.fc_cls.weight', 'roi_head.mask_head.conv_logits.bias'],
-             'seg': ['decode_head.conv_seg.weight', 'auxiliary_head.conv_seg.bias']}[task]
+    heads = {
+        'det': [
+            'neck.fpn_convs.0.conv.weight',
+            'rpn_head.rpn_cls.weight',
+            'roi_head.bbox_head.fc_cls.weight',
+            'roi_head.mask_head.conv_logits.bias',
+        ],
+        'seg': ['decode_head.conv_seg.weight', 'auxiliary_head.conv_seg.bias'],
+    }[task]
     sd = {'backbone.' + k: v for k, v in backbone.items()}
     sd.update({k: torch.zeros(2) for k in heads})
     converted = convert_state_dict(sd, task)
@@ -75,7 +81,9 @@ def test_unknown_and_mismatched_keys_fail_loudly():
     with pytest.raises(KeyError, match="not understood: 'dist_head.weight'"):
         convert_state_dict({**official, 'dist_head.weight': torch.zeros(1)}, 'cls')
     with pytest.raises(KeyError, match='not MLLA'):
-        convert_state_dict({**official, 'layers.0.blocks.0.attn.proj.weight': torch.zeros(1)}, 'cls')
+        convert_state_dict(
+            {**official, 'layers.0.blocks.0.attn.proj.weight': torch.zeros(1)}, 'cls'
+        )
     with pytest.raises(ValueError, match='expects'):
         convert_state_dict(official, 'cls', arch='base')
     with pytest.raises(ValueError, match="task must be 'cls', 'det' or 'seg'"):
@@ -89,7 +97,9 @@ def test_converted_imagenet_checkpoint_gives_the_official_logits(tmp_path):
     tool = ROOT / 'tools' / 'model_converters' / 'mlla2mm.py'
     out = subprocess.run(
         [sys.executable, str(tool), str(src), str(dst), '--task', 'cls'],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert 'wrote' in out.stdout
     model = build_classifier('tiny').eval()
@@ -98,7 +108,11 @@ def test_converted_imagenet_checkpoint_gives_the_official_logits(tmp_path):
     # The official classifier: backbone -> final norm -> average pool -> head.
     ref = PlainMLLA(64, (2, 4, 8, 4), (2, 4, 8, 16), out_indices=(3,)).eval()
     backbone = {k: v for k, v in official.items() if k.startswith(('patch_embed', 'layers'))}
-    ref_sd = {**backbone, 'norm3.weight': official['norm.weight'], 'norm3.bias': official['norm.bias']}
+    ref_sd = {
+        **backbone,
+        'norm3.weight': official['norm.weight'],
+        'norm3.bias': official['norm.bias'],
+    }
     missing, unexpected = ref.load_state_dict(ref_sd, strict=False)
     assert not missing and all(k.endswith('rope.rotations') for k in unexpected)
     x = torch.randn(2, 3, 96, 112)
@@ -115,7 +129,8 @@ def test_converter_cli_reports_errors(tmp_path):
     tool = ROOT / 'tools' / 'model_converters' / 'mlla2mm.py'
     out = subprocess.run(
         [sys.executable, str(tool), str(bad), str(tmp_path / 'o.pth'), '--task', 'cls'],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 1 and "key not understood: 'foo.weight'" in out.stderr
     assert not (tmp_path / 'o.pth').exists()

@@ -50,7 +50,9 @@ def test_backbone_needs_only_torch_and_mmengine():
     assert lines[1] == '[]'
 
 
-@pytest.mark.parametrize('package,extra', [('mmdet', 'det'), ('mmseg', 'seg'), ('mmpretrain', 'cls')])
+@pytest.mark.parametrize(
+    'package,extra', [('mmdet', 'det'), ('mmseg', 'seg'), ('mmpretrain', 'cls')]
+)
 def test_missing_library_names_the_install_command(package, extra):
     out = _run_without_openmmlab(
         f"""
