@@ -420,10 +420,11 @@ def run_benchmark(cfg: BenchConfig, log: Callable = print) -> dict:
     """Measure every model of ``cfg`` at every size; see the module docstring.
 
     Returns:
-        dict: ``env`` (machine, versions, settings), ``records`` (one per model and size, with
-        ``latency_ms`` (all repeats), ``median_ms``, ``p90_ms``, ``images_per_s``,
-        ``peak_mem_mb``, ``params``, ``gmacs``, ``tflops_achieved``, ``matmul_fraction``,
-        ``speedup`` over the baseline, ``status``) and ``matmul_gflops`` per size.
+        dict: ``env`` (machine, versions, settings, load averages), ``records`` (one per model
+        and size, with ``latency_ms`` (all repeats), ``median_ms``, ``p90_ms``,
+        ``images_per_s``, ``peak_mem_mb``, ``params``, ``gmacs`` (per image),
+        ``gflops_achieved``, ``matmul_fraction``, ``speedup_vs_<baseline>``, ``load``,
+        ``status``) and ``matmul_gflops`` (median per size).
     """
     device = torch.device(cfg.device)
     if cfg.threads:
@@ -471,11 +472,16 @@ def run_benchmark(cfg: BenchConfig, log: Callable = print) -> dict:
                 del active[name]
         rates = []
         for r in range(cfg.repeats):  # timed repeats, interleaved
-            for name in active:
+            for name in list(active):
                 _synchronize(device)
                 t0 = time.perf_counter()
-                steps[name](x)
-                _synchronize(device)
+                try:
+                    steps[name](x)
+                    _synchronize(device)
+                except (RuntimeError, MemoryError) as e:
+                    rec[name]['status'] = f'error: {type(e).__name__}: {str(e).splitlines()[0]}'
+                    del active[name]
+                    continue
                 rec[name]['latency_ms'].append(1e3 * (time.perf_counter() - t0))
                 progress.step(f'{name} {size} repeat {r + 1}/{cfg.repeats}')
             rates.append(matmul_rate(device, dtype))
@@ -656,7 +662,10 @@ def plot(result: dict, path: str, title: str | None = None) -> None:
                 if r['model'] == m and r.get(key) and r[key] > 0
             )  # fmt: skip
             if pts:
-                ax.plot(*zip(*pts), marker='o', label=m)
+                line = ax.plot(*zip(*pts), marker='o', label=m)[0]
+                if len(pts) > 1:  # the linear-growth guide through the first point
+                    (x0, y0), x1 = pts[0], pts[-1][0]
+                    ax.plot([x0, x1], [y0, y0 * x1 / x0], ls=':', lw=0.8, color=line.get_color())
         ax.set_xscale('log')
         ax.set_yscale('log')
         ax.set_xlabel('pixels per image')
@@ -664,11 +673,13 @@ def plot(result: dict, path: str, title: str | None = None) -> None:
         ax.grid(True, which='both', alpha=0.3)
     axes[0].legend(fontsize=8)
     env = result['env']
+    loads = [v for r in result['records'] for v in r.get('load', [])]
+    load = f', load average {min(loads):.1f}-{max(loads):.1f}' if loads else ''
     fig.suptitle(
         title
         or f'{env["settings"]["mode"]}, {env["settings"]["dtype"]}, batch '
         f'{env["settings"]["batch_size"]}, {env["device"]} ({env.get("gpu", env["processor"])}, '
-        f'{env["threads"]} threads)',
+        f'{env["threads"]} threads{load}); dotted: linear growth',
         fontsize=9,
     )
     fig.tight_layout()

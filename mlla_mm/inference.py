@@ -77,7 +77,31 @@ def _infer_seg(cfg: Config, checkpoint: str, img: str, out_file: str, device: st
     )
 
 
-INFERENCERS: dict[str, Callable[..., dict]] = {'mmdet': _infer_det, 'mmseg': _infer_seg}
+def _infer_cls(cfg: Config, checkpoint: str, img: str, out_file: str, device: str, **kw) -> dict:
+    """Image classification with mmpretrain; draws and returns the ``topk`` (default 5) classes."""
+    apis = require('mmpretrain.apis', 'classification demos')
+    from mmpretrain.visualization import UniversalVisualizer
+
+    model = apis.get_model(cfg, checkpoint, device=device)
+    sample = apis.ImageClassificationInferencer(model)(img, return_datasamples=True)[0]
+    scores, labels = sample.pred_score.topk(min(kw.get('topk', 5), sample.pred_score.numel()))
+    classes = model._dataset_meta.get('classes') or [str(i) for i in range(len(sample.pred_score))]
+    sample.set_pred_label(labels)  # draw all top-k, not only the best
+    UniversalVisualizer().visualize_cls(
+        _load_rgb(img), sample, classes=classes, draw_gt=False, out_file=out_file
+    )
+    return dict(
+        task='classification',
+        out_file=out_file,
+        topk=[dict(label=classes[int(i)], score=float(s)) for s, i in zip(scores, labels)],
+    )
+
+
+INFERENCERS: dict[str, Callable[..., dict]] = {
+    'mmdet': _infer_det,
+    'mmseg': _infer_seg,
+    'mmpretrain': _infer_cls,
+}
 
 
 def inference_image(
@@ -96,7 +120,8 @@ def inference_image(
         img: Image file.
         out_file: Where to write the drawing (PNG/JPEG).
         device: Torch device.
-        **kwargs: Task options (``score_thr`` for detection, ``opacity`` for segmentation).
+        **kwargs: Task options (``score_thr`` for detection, ``opacity`` for segmentation,
+            ``topk`` for classification).
 
     Returns:
         dict: What was found (task-specific), plus ``task`` and ``out_file``.

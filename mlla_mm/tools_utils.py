@@ -304,18 +304,17 @@ def configure_train(cfg: Config, args) -> None:
     """
     cfg.launcher = args.launcher
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or _default_work_dir(cfg)
-    if args.amp:
-        if not torch.cuda.is_available():
-            raise ConfigCheckError(
-                '--amp: mmengine mixed precision (AmpOptimWrapper) needs a CUDA device; train '
-                'without --amp on the CPU'
-            )
-        wrapper = cfg.optim_wrapper
-        if wrapper.get('type', 'OptimWrapper') == 'AmpOptimWrapper':
-            print('--amp: the config already uses AmpOptimWrapper')
-        else:
-            wrapper.type = 'AmpOptimWrapper'
-            wrapper.loss_scale = 'dynamic'
+    wrapper = cfg.optim_wrapper
+    amp = wrapper.get('type', 'OptimWrapper') == 'AmpOptimWrapper'
+    if (args.amp or amp) and not torch.cuda.is_available():
+        raise ConfigCheckError(
+            f'{"--amp" if args.amp else "optim_wrapper.type=AmpOptimWrapper"}: mmengine mixed '
+            'precision needs a CUDA device; on the CPU train without --amp (or the config '
+            'without _amp)'
+        )
+    if args.amp and not amp:
+        wrapper.type = 'AmpOptimWrapper'
+        wrapper.loss_scale = 'dynamic'
     if args.auto_scale_lr:
         if 'auto_scale_lr' not in cfg or 'base_batch_size' not in cfg.auto_scale_lr:
             raise ConfigCheckError(

@@ -2,8 +2,9 @@
 
 Every image holds a few non-overlapping shapes (``circle``, ``square``, ``triangle``) with polygon
 masks on a textured background (low-frequency colour gradient, random stripes and pixel noise).
-Each class has its own hue (jittered per object), so that Mask R-CNN trained from scratch learns it
-in minutes on a CPU. The output is the layout of ``mmdet::_base_/datasets/coco_instance.py``::
+The colour of a shape is random (a saturated hue, whatever its class), so the class can only be
+told from the shape: a detector has to learn shapes, not colours. The output is the layout of
+``mmdet::_base_/datasets/coco_instance.py``::
 
     OUT/annotations/instances_train.json
     OUT/annotations/instances_val.json
@@ -25,10 +26,11 @@ from PIL import Image, ImageDraw
 __all__ = ['CLASSES', 'PALETTE', 'make_toy_coco', 'draw_toy_image']
 
 CLASSES = ('circle', 'square', 'triangle')
-# Mean RGB colour of each class (jittered per object) and the palette used to draw predictions.
+# The colours predictions of each class are drawn in (the shapes themselves have random colours).
 PALETTE = ((220, 60, 60), (60, 190, 70), (60, 100, 230))
 _SIDES = {'circle': 32, 'square': 4, 'triangle': 3}
-_STAMP = 'toy_coco_params.json'  # the arguments of a complete set
+_STAMP = 'toy_coco_params.json'  # the arguments of a complete set, and the version below
+_VERSION = 2  # of the drawing: a set drawn by another version is written again
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -45,6 +47,15 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         img += wave[..., None] * rng.uniform(5, 20) * rng.uniform(0.6, 1.0, size=3)
     img += rng.normal(0, 8, size=img.shape)
     return img
+
+
+def _random_colour(rng: np.random.Generator) -> np.ndarray:
+    """A saturated RGB colour of random hue (HSV with S in [0.6, 1] and V in [0.65, 1])."""
+    h, s, v = rng.uniform(0, 6), rng.uniform(0.6, 1.0), rng.uniform(0.65, 1.0)
+    f = h - int(h)
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    rgb = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][int(h) % 6]
+    return np.array(rgb) * 255
 
 
 def _polygon(rng: np.random.Generator, name: str, cx: float, cy: float, r: float) -> list:
@@ -104,7 +115,7 @@ def draw_toy_image(
         draw.rectangle((0, 0, size, size), fill=0)
         draw.polygon(poly, fill=1)
         mask = np.asarray(canvas, dtype=bool)
-        colour = np.clip(np.array(PALETTE[label]) + rng.uniform(-30, 30, size=3), 0, 255)
+        colour = _random_colour(rng)
         shade = colour + rng.normal(0, 6, size=(int(mask.sum()), 3))
         img[mask] = shade
         xs, ys = np.array(poly).clip(0, size).T
@@ -183,7 +194,12 @@ def make_toy_coco(
         )
     out = Path(out_dir)
     params = dict(
-        num_train=num_train, num_val=num_val, size=size, max_objects=max_objects, seed=seed
+        num_train=num_train,
+        num_val=num_val,
+        size=size,
+        max_objects=max_objects,
+        seed=seed,
+        version=_VERSION,
     )
     stamp = out / _STAMP
     files = {split: out / 'annotations' / f'instances_{split}.json' for split in ('train', 'val')}

@@ -141,6 +141,19 @@ def test_amp_needs_cuda_and_resume_needs_a_file(toy_root, tmp_path):
     assert cfg.resume is True and cfg.load_from is None and cfg.work_dir == str(tmp_path)
 
 
+def test_amp_config_on_the_cpu_fails_before_building(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip('checks the CPU message')
+    cfg = Config.fromfile(str(ROOT / 'configs' / 'mask_rcnn_mlla_t_amp.py'))
+    args = Namespace(
+        launcher='none', work_dir=str(tmp_path), amp=False, auto_scale_lr=False, resume=None
+    )
+    with pytest.raises(ConfigCheckError, match='optim_wrapper.type=AmpOptimWrapper.*CUDA'):
+        configure_train(cfg, args)
+
+
 @pytest.mark.slow
 def test_train_tool_fails_fast_with_the_config_key(toy_root, tmp_path):
     """Through tools/train.py: a clear message and exit status before any model is built."""

@@ -1,4 +1,4 @@
-"""Run a detector or segmentor on one image and draw the result.
+"""Run a detector, segmentor or classifier (top-5 classes) on one image and draw the result.
 
     python tools/image_demo.py IMG CONFIG CHECKPOINT --out-file OUT.png [--device cpu]
         [--score-thr 0.3] [--opacity 0.5]

@@ -1,4 +1,5 @@
-# The main job's config: Mask R-CNN + MLLA on the toy COCO set of tools/misc/make_toy_coco.py,
+# The main job's config: Mask R-CNN + MLLA-T on the toy COCO set written by
+# `python tools/misc/make_toy_coco.py data/toy_coco` (400 train / 50 val images of 128x128),
 # trained from scratch on a CPU in minutes (`make demo`). It inherits the COCO config
 # configs/mask_rcnn_mlla_t.py and changes only what the toy set and the time budget need.
 _base_ = '../mask_rcnn_mlla_t.py'
@@ -86,8 +87,10 @@ test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
 test_evaluator = val_evaluator
 
-# Iteration-based short schedule: warm-up, then cosine decay; validation at the end.
-max_iters = 600
+# A short iteration-based schedule: 300 iterations of 4 images (3 passes over the 400 training
+# images), linear warm-up then cosine decay; validation and a checkpoint at the end (and one
+# halfway, for --resume).
+max_iters = 300
 train_cfg = dict(
     _delete_=True, type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters
 )
@@ -95,10 +98,11 @@ param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=50),
     dict(type='CosineAnnealingLR', by_epoch=False, begin=50, end=max_iters, eta_min_ratio=0.01),
 ]
+# From scratch on a tiny set: a larger lr than the COCO fine-tuning (1e-4), gradients clipped.
 optim_wrapper = dict(optimizer=dict(lr=1e-3), clip_grad=dict(max_norm=10.0))
 default_hooks = dict(
     logger=dict(interval=10),
-    checkpoint=dict(by_epoch=False, interval=200, max_keep_ckpts=2),
+    checkpoint=dict(by_epoch=False, interval=150, max_keep_ckpts=1),
 )
 log_processor = dict(by_epoch=False)
 auto_scale_lr = dict(base_batch_size=4)

@@ -14,7 +14,8 @@ from mlla_mm.models.backbones.mlla import _ROPE_CACHE, apply_rope, rope_tables
 from mlla_mm.testing import PlainMLLA
 
 TINY = dict(embed_dims=32, depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 8))
-# Key names and shapes of the official T/S/B checkpoints (a copy of shared/mlla_official_layouts.json).
+# Key names and shapes of the official T/S/B checkpoints
+# (a copy of shared/mlla_official_layouts.json).
 LAYOUTS = Path(__file__).parents[2] / 'data' / 'mlla_official_layouts.json'
 
 
