@@ -603,15 +603,24 @@ def summarise(result: dict) -> str:
 
 
 def scaling(result: dict) -> list:
-    """Latency and memory ratios between 2048x2048 and 1024x1024 (4.0 is linear)."""
+    """Latency and memory ratios between 2048x2048 and 1024x1024 (4.0 is linear).
+
+    Sizes run one after the other, so a change of machine load between them skews the latency
+    ratio; the ratio rescaled by the matmul rate measured at each size is given as well.
+    """
     out = []
+    rates = result.get('matmul_gflops', {})
     models = dict.fromkeys(r['model'] for r in result['records'])
     for m in models:
         lo, hi = _find(result['records'], m, '1024x1024'), _find(result['records'], m, '2048x2048')
         if lo and hi:
             lat = hi['median_ms'] / lo['median_ms']
             mem = hi.get('peak_mem_mb', 0) / max(lo.get('peak_mem_mb', 0), 1e-9)
-            out.append(f'{m}: 2048^2 / 1024^2 latency x{lat:.2f}, peak memory x{mem:.2f}')
+            text = f'{m}: 2048^2 / 1024^2 latency x{lat:.2f}'
+            if rates.get('1024x1024') and rates.get('2048x2048'):
+                adjusted = lat * rates['2048x2048'] / rates['1024x1024']
+                text += f' (x{adjusted:.2f} at equal matmul rate)'
+            out.append(f'{text}, peak memory x{mem:.2f}')
     return out
 
 

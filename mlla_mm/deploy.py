@@ -326,7 +326,7 @@ def export_onnx(
                 torch.onnx.export(
                     model, (x,), out_file, dynamo=True, opset_version=opset,
                     input_names=['input'], output_names=names, dynamic_shapes=(dynamic,),
-                    verbose=False,
+                    external_data=False, verbose=False,
                 )  # fmt: skip
     return names
 
@@ -449,13 +449,15 @@ def benchmark_compile(
 ) -> dict:
     """Time eager against ``torch.compile(model, backend, dynamic)`` at each size, no autograd.
 
-    Each size runs once (compiling it if needed: ``compile_s``), then ``repeats`` times for the
-    median eager and compiled times. Graph counts come from ``torch._dynamo``'s counters, reset
-    first.
+    Each size runs once through the compiled model (compiling it if needed: ``compile_s``), then
+    ``repeats`` rounds that time eager and compiled back to back, so that a change of machine load
+    hits both; ``speedup`` is the median of the per-round ratios. Graph counts come from
+    ``torch._dynamo``'s counters, reset first.
 
     Returns:
-        dict: ``rows`` (per size: shape, compile_s, eager_ms, compiled_ms, speedup, max_abs_diff),
-        ``graphs`` (compiled graphs: 1 means no recompilation across sizes), ``graph_breaks``.
+        dict: ``rows`` (per size: shape, compile_s, eager_ms, compiled_ms (medians), speedup,
+        max_abs_diff), ``graphs`` (compiled graphs: 1 means no recompilation across sizes) and
+        ``graph_breaks`` (reason -> count).
     """
     from torch._dynamo.utils import counters
 
@@ -464,13 +466,10 @@ def benchmark_compile(
     model = model.eval()
     compiled = torch.compile(model, backend=backend, dynamic=dynamic)
 
-    def median_ms(fn, x) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - start)
-        return 1e3 * float(np.median(times))
+    def timed(fn, x) -> float:
+        start = time.perf_counter()
+        fn(x)
+        return time.perf_counter() - start
 
     rows = []
     with torch.no_grad():
@@ -481,10 +480,12 @@ def benchmark_compile(
             compile_s = time.perf_counter() - start
             expected = _as_tuple(model(x))
             diff = max(float((a - b).abs().max()) for a, b in zip(got, expected))
-            eager, fast = median_ms(model, x), median_ms(compiled, x)
+            rounds = [(timed(model, x), timed(compiled, x)) for _ in range(repeats)]
+            eager, fast = (1e3 * float(np.median(t)) for t in zip(*rounds))
             rows.append(
                 dict(shape=(batch, 3, h, w), compile_s=compile_s, eager_ms=eager,
-                     compiled_ms=fast, speedup=eager / fast, max_abs_diff=diff)
+                     compiled_ms=fast, speedup=float(np.median([e / c for e, c in rounds])),
+                     max_abs_diff=diff)
             )  # fmt: skip
     return dict(
         rows=rows,

@@ -16,6 +16,8 @@ from mlla_mm.utils import require
 
 __all__ = ['INFERENCERS', 'inference_image']
 
+_MIN_DRAW_SIDE = 512  # detections on smaller images are drawn on an enlarged copy
+
 
 def _load_rgb(img: str) -> np.ndarray:
     mmcv = require('mmcv', 'image demos')
@@ -32,18 +34,29 @@ def _infer_det(cfg: Config, checkpoint: str, img: str, out_file: str, device: st
     score_thr = kw.get('score_thr', 0.3)
     model = apis.init_detector(cfg, checkpoint, device=device)
     result = apis.inference_detector(model, img)
+    inst = result.pred_instances
     visualizer = VISUALIZERS.build(model.cfg.visualizer)
     visualizer.dataset_meta = model.dataset_meta
+    image, drawn = _load_rgb(img), result
+    # Small images are drawn enlarged (whole pixels), so that labels and scores stay legible.
+    scale = -(-_MIN_DRAW_SIDE // max(image.shape[:2]))
+    if scale > 1:
+        image = image.repeat(scale, 0).repeat(scale, 1)
+        big = inst.clone()
+        big.bboxes = inst.bboxes * scale
+        if 'masks' in inst:
+            big.masks = inst.masks.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+        drawn = result.clone()
+        drawn.pred_instances = big
     visualizer.add_datasample(
         'result',
-        _load_rgb(img),
-        data_sample=result,
+        image,
+        data_sample=drawn,
         draw_gt=False,
         show=False,
         out_file=out_file,
         pred_score_thr=score_thr,
     )
-    inst = result.pred_instances
     keep = inst.scores >= score_thr
     classes = model.dataset_meta['classes']
     return dict(

@@ -24,6 +24,17 @@ DET_CONFIGS = {
 }
 
 
+@pytest.fixture
+def mmdet_scope():
+    """mmdet's registries as the default scope for one test, then whatever was there before."""
+    from mmdet.utils import register_all_modules
+    from mmengine.registry import DefaultScope
+
+    register_all_modules(init_default_scope=False)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        yield
+
+
 def test_every_detection_config_is_tested():
     shipped = {p.name for p in CONFIGS.glob('mask_rcnn_*.py')}
     assert shipped == set(DET_CONFIGS)
@@ -61,22 +72,19 @@ def test_config_follows_the_official_recipe(name):
         'PackDetInputs',
     ]
     multi_scale, crop = train[3].transforms
-    shorter = [min(s) for s in multi_scale[0].scales]
-    assert shorter == list(range(480, 801, 32)) and {max(s) for s in multi_scale[0].scales} == {
-        1333
-    }
+    scales = multi_scale[0].scales
+    assert [min(s) for s in scales] == list(range(480, 801, 32))  # shorter side 480..800
+    assert {max(s) for s in scales} == {1333}
     assert _pipeline_types(crop) == ['RandomChoiceResize', 'RandomCrop', 'RandomChoiceResize']
     assert crop[1].crop_size == (384, 600) and crop[1].crop_type == 'absolute_range'
     test = cfg.test_dataloader.dataset.pipeline
     assert [t for t in test if t.type == 'Resize'][0].scale == (1333, 800)
 
 
-def test_no_weight_decay_on_norms_and_position_terms():
+def test_no_weight_decay_on_norms_and_position_terms(mmdet_scope):
     from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules
     from mmengine.optim import build_optim_wrapper
 
-    register_all_modules()
     cfg = Config.fromfile(str(CONFIGS / 'mask_rcnn_mlla_t.py'))
     cfg.model.backbone.update(
         init_cfg=None, arch=dict(embed_dims=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))
@@ -114,11 +122,9 @@ def _demo_batch(model, with_mask=True):
 
 
 @pytest.mark.parametrize('name', sorted(DET_CONFIGS))
-def test_config_builds_and_trains_a_step(name):
+def test_config_builds_and_trains_a_step(name, mmdet_scope):
     from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules
 
-    register_all_modules()
     cfg = Config.fromfile(str(CONFIGS / name))
     cfg.model.backbone.init_cfg = None
     torch.manual_seed(0)

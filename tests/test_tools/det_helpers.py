@@ -41,21 +41,20 @@ def write_det_config(
             'allow_failed_imports=False)\n'
             f"custom_hooks = [dict(type='StateProbeHook', **{probe!r})]\n"
         )
-    loader = 'num_workers=0, persistent_workers=False, dataset=dict(data_root=data_root{})'
+    loader = 'num_workers=0, persistent_workers=False, dataset=dict(data_root=data_root)'
     path.write_text(
         f'_base_ = [{str(TOY_CONFIG)!r}]\n'
         f'data_root = {root!r}\n'
         f'model = dict(backbone=dict(arch={TINY_ARCH}),\n'
         '             neck=dict(in_channels=[32, 64, 128, 256]))\n'
-        f'train_dataloader = dict(batch_size=2, {loader.format("")})\n'
-        f'val_dataloader = dict(batch_size=2, {loader.format("")})\n'
+        f'train_dataloader = dict(batch_size=2, {loader})\n'
+        f'val_dataloader = dict(batch_size=2, {loader})\n'
         'test_dataloader = val_dataloader\n'
         "val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')\n"
         'test_evaluator = val_evaluator\n'
         f'train_cfg = dict(max_iters={max_iters}, val_interval={max_iters})\n'
         'default_hooks = dict(logger=dict(interval=1), '
-        f'checkpoint=dict(interval={ckpt_interval}, max_keep_ckpts=-1))\n'
-        'randomness = dict(seed=0)\n' + hooks
+        f'checkpoint=dict(interval={ckpt_interval}, max_keep_ckpts=-1))\n' + hooks
     )
     return path
 

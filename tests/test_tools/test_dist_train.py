@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from det_helpers import ROOT, tool_env, write_det_config
+from det_helpers import ROOT, read_test_metrics, tool_env, write_det_config
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_the_same_weights(toy_coco, tmp_path):
+def _torchrun(script: str, *args) -> str:
+    """Run ``bash tools/dist_*.sh ARGS`` (torchrun, 2 CPU processes); return its output."""
+    env = dict(tool_env(), PYTHON=sys.executable, PORT=str(_free_port()))
+    proc = subprocess.run(
+        ['bash', script, *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    return log
+
+
+def test_two_cpu_processes_train_identical_replicas_then_test(toy_coco, tmp_path):
     probe = tmp_path / 'probe'
     probe.mkdir()
     cfg = write_det_config(
@@ -29,17 +45,7 @@ def test_two_processes_train_the_same_weights(toy_coco, tmp_path):
         ckpt_interval=3,
         probe=dict(out_dir=str(probe)),
     )
-    env = dict(tool_env(), PYTHON=sys.executable, PORT=str(_free_port()))
-    proc = subprocess.run(
-        ['bash', 'tools/dist_train.sh', str(cfg), '2', '--work-dir', str(tmp_path / 'work')],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-6000:]
+    log = _torchrun('tools/dist_train.sh', cfg, '2', '--work-dir', tmp_path / 'work')
     assert 'Distributed launcher: pytorch' in log and 'GPU number: 2' in log  # = processes
 
     start = [torch.load(probe / f'start_rank{r}.pth', weights_only=True) for r in (0, 1)]
@@ -56,3 +62,9 @@ def test_two_processes_train_the_same_weights(toy_coco, tmp_path):
     backbone = [n for n in names if n.startswith('backbone.')]
     assert set(backbone) <= set(moved), sorted(set(backbone) - set(moved))[:5]
     assert (tmp_path / 'work' / 'iter_3.pth').is_file()  # written once, by rank 0
+
+    # The 2-process test splits the 4 val images between the ranks and gathers the results.
+    log = _torchrun('tools/dist_test.sh', cfg, tmp_path / 'work' / 'iter_3.pth', '2',
+                    '--work-dir', tmp_path / 'test')  # fmt: skip
+    metrics = read_test_metrics(tmp_path / 'test')
+    assert 'coco/bbox_mAP_50' in metrics and 'GPU number: 2' in log

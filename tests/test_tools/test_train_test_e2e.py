@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -43,9 +44,14 @@ def test_train_checkpoint_test_and_image_demo(toy_coco, tmp_path):
     img = toy_coco / 'val' / '000001.png'
     out = tmp_path / 'demo.png'
     demo = run_tool('tools/image_demo.py', img, cfg, ckpt, '--out-file', out, '--score-thr', '0.0')
-    assert '"task": "detection"' in demo.stdout
+    found = json.loads(demo.stdout[demo.stdout.index('{\n "task"') :])
+    assert found['task'] == 'detection' and found['out_file'] == str(out)
+    for det in found['detections']:
+        assert det['label'] in ('circle', 'square', 'triangle') and len(det['bbox']) == 4
     drawn, src = np.asarray(Image.open(out).convert('RGB')), np.asarray(Image.open(img))
-    assert drawn.shape == src.shape and not np.array_equal(drawn, src)  # boxes were drawn
+    src = src.repeat(4, 0).repeat(4, 1)  # 128x128 images are drawn 4x enlarged (>= 512)
+    assert drawn.shape == src.shape
+    assert np.array_equal(drawn, src) == (not found['detections'])  # boxes drawn, if any
 
 
 def test_test_tool_rejects_a_missing_checkpoint(toy_coco, tmp_path):

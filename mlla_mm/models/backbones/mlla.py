@@ -144,7 +144,11 @@ _ROPE_COMPLEX_CACHE: dict = {}
 
 
 def _tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    return (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+    )
 
 
 def _autocast(device_type: str) -> bool:
@@ -394,8 +398,12 @@ class Stem(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> channels-last tokens (B, ceil(H/4), ceil(W/4), C)."""
         h, w = x.shape[-2:]
-        if h % 4 or w % 4:  # bottom/right zero padding to a multiple of 4
-            x = F.pad(x, (0, (-w) % 4, 0, (-h) % 4))
+        # bottom/right zero padding to a multiple of 4; always traced, so that an exported or
+        # compiled graph pads whatever size it is later given
+        if _tracing() or h % 4 or w % 4:
+            # non-negative floor divisions only: symbolic '%' breaks torch.compile's dynamic
+            # shapes, and ONNX integer division truncates (negative operands would round wrong)
+            x = F.pad(x, (0, (w + 3) // 4 * 4 - w, 0, (h + 3) // 4 * 4 - h))
         # channels-last convs: oneDNN's fastest path, and the NHWC tokens come out copy-free
         x = self.conv1(x.contiguous(memory_format=torch.channels_last))
         y = self.conv2(x)
@@ -420,8 +428,8 @@ class PatchMerging(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)."""
         h, w = x.shape[1:3]
-        if h % 2 or w % 2:  # odd sizes: pad *before* the 1x1 conv
-            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        if _tracing() or h % 2 or w % 2:  # odd sizes: pad *before* the 1x1 conv
+            x = F.pad(x, (0, 0, 0, w - w // 2 * 2, 0, h - h // 2 * 2))  # floor div, as above
         expand, dwconv, project = self.conv
         if not (torch.is_grad_enabled() or _tracing() or project.norm.training):
             return self._forward_bands(x)
