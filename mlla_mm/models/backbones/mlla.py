@@ -144,11 +144,7 @@ _ROPE_COMPLEX_CACHE: dict = {}
 
 
 def _tracing() -> bool:
-    return (
-        torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export()
-    )
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 def _autocast(device_type: str) -> bool:
