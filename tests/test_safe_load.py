@@ -45,7 +45,9 @@ def _runner(work_dir, max_iters, resume=False):
         model=ToyModel(),
         work_dir=str(work_dir),
         train_dataloader=dict(
-            dataset=ToyDataset(), sampler=dict(type='DefaultSampler', shuffle=True), batch_size=2,
+            dataset=ToyDataset(),
+            sampler=dict(type='DefaultSampler', shuffle=True),
+            batch_size=2,
             collate_fn=dict(type='default_collate'),
         ),
         optim_wrapper=dict(optimizer=dict(type='AdamW', lr=1e-2)),
@@ -139,6 +141,9 @@ def test_safety_switches_are_not_flipped():
     code = 'import mlla_mm, os; print(os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"))'
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == 'None'
-    allowed = {f'{g.__module__}.{g.__qualname__}' for g in torch.serialization.get_safe_globals()
-               if not isinstance(g, tuple)}
+    allowed = {
+        f'{g.__module__}.{g.__qualname__}'
+        for g in torch.serialization.get_safe_globals()
+        if not isinstance(g, tuple)
+    }
     assert 'posix.system' not in allowed and 'builtins.eval' not in allowed
