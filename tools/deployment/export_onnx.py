@@ -14,6 +14,8 @@ import os
 import sys
 import time
 
+import torch
+
 from mlla_mm.deploy import (
     EXPORTERS,
     assert_parity,
@@ -52,6 +54,7 @@ def parse_args(argv=None):
     )
     parser.add_argument('--check-batch', type=int, default=3, help='batch of the parity checks')
     parser.add_argument('--tol', type=float, default=1e-4, help='max relative error allowed')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the random initialisation')
     args = parser.parse_args(argv)
     if args.whole_model and not args.config:
         parser.error('--whole-model needs --config')
@@ -60,6 +63,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    torch.manual_seed(args.seed)  # reproducible random weights where no checkpoint gives them
     if args.whole_model:
         model = build_whole_model(args.config, args.checkpoint)
     else:
