@@ -273,6 +273,7 @@ def _linear_residual(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor)
     """``residual + linear(x)``; without autograd the product accumulates into ``residual``."""
     if (
         torch.is_grad_enabled()
+        or _tracing()  # an in-place add into a view is recorded wrongly by the JIT tracer
         or not (residual.dtype == x.dtype == linear.weight.dtype)
         or not residual.is_contiguous()
     ):
