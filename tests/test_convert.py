@@ -12,23 +12,10 @@ from mmengine.config import Config
 from mmengine.runner import load_checkpoint
 
 from mlla_mm.convert import convert_state_dict, infer_arch
-from mlla_mm.testing import PlainMLLA
+from mlla_mm.testing import PlainMLLA, fake_official_state_dict
 
 ROOT = Path(__file__).parents[1]
 LAYOUTS = json.loads((ROOT / 'tests' / 'data' / 'mlla_official_layouts.json').read_text())
-
-
-def fake_official(layout: dict, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, shape in layout.items():
-        if key.endswith('num_batches_tracked'):
-            sd[key] = torch.tensor(3)
-        elif key.endswith('running_var'):
-            sd[key] = torch.rand(shape, generator=g) + 0.5
-        else:
-            sd[key] = torch.randn(shape, generator=g) * 0.05
-    return sd
 
 
 def build_classifier(arch: str):
@@ -43,7 +30,7 @@ def build_classifier(arch: str):
 
 @pytest.mark.parametrize('arch', ['tiny', 'small', 'base'])
 def test_cls_conversion_covers_every_key(arch):
-    official = fake_official(LAYOUTS[f'cls_{arch}'])
+    official = fake_official_state_dict(LAYOUTS[f'cls_{arch}'])
     converted = convert_state_dict(official, 'cls')
     assert infer_arch(dict(official)) == arch
     model_keys = set(build_classifier(arch).state_dict())
@@ -57,7 +44,7 @@ def test_cls_conversion_covers_every_key(arch):
 @pytest.mark.parametrize('task', ['det', 'seg'])
 @pytest.mark.parametrize('arch', ['tiny', 'small', 'base'])
 def test_downstream_conversion_covers_every_key(task, arch):
-    backbone = fake_official(LAYOUTS[f'downstream_{arch}'])
+    backbone = fake_official_state_dict(LAYOUTS[f'downstream_{arch}'])
     heads = {
         'det': [
             'neck.fpn_convs.0.conv.weight',
@@ -77,7 +64,7 @@ def test_downstream_conversion_covers_every_key(task, arch):
 
 
 def test_unknown_and_mismatched_keys_fail_loudly():
-    official = fake_official(LAYOUTS['cls_tiny'])
+    official = fake_official_state_dict(LAYOUTS['cls_tiny'])
     with pytest.raises(KeyError, match="not understood: 'dist_head.weight'"):
         convert_state_dict({**official, 'dist_head.weight': torch.zeros(1)}, 'cls')
     with pytest.raises(KeyError, match='not MLLA'):
@@ -91,7 +78,7 @@ def test_unknown_and_mismatched_keys_fail_loudly():
 
 
 def test_converted_imagenet_checkpoint_gives_the_official_logits(tmp_path):
-    official = fake_official(LAYOUTS['cls_tiny'], seed=3)
+    official = fake_official_state_dict(LAYOUTS['cls_tiny'], seed=3)
     src, dst = tmp_path / 'mlla_t.pth', tmp_path / 'mlla_t_mm.pth'
     torch.save({'model': official, 'epoch': 299}, src)
     tool = ROOT / 'tools' / 'model_converters' / 'mlla2mm.py'

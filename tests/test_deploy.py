@@ -22,6 +22,7 @@ from mlla_mm.deploy import (
     export_onnx,
     onnx_io_dims,
 )
+from mlla_mm.testing import fake_official_state_dict
 
 pytest.importorskip('onnx')
 pytest.importorskip('onnxruntime')
@@ -84,14 +85,9 @@ def test_backbone_parity_batch_one_non_square(tmp_path):
         assert_parity(check_onnx_parity(other, out, [(64, 96)], batch=1))
 
 
-def _fake_official(layout: dict) -> dict:
-    g = torch.Generator().manual_seed(0)
-    return {k: torch.rand(shape, generator=g) + 0.5 for k, shape in layout.items()}
-
-
 def test_build_backbone_loads_official_and_own_checkpoints(tmp_path):
     layouts = json.loads((ROOT / 'tests' / 'data' / 'mlla_official_layouts.json').read_text())
-    official = _fake_official(layouts['cls_tiny'])
+    official = fake_official_state_dict(layouts['cls_tiny'])
     torch.save({'model': official, 'epoch': 300}, tmp_path / 'MLLA_T.pth')
     with pytest.warns(UserWarning, match='norm0.weight'):  # ImageNet files have norm3 only
         model = build_backbone('tiny', checkpoint=str(tmp_path / 'MLLA_T.pth'))

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from mlla_mm import MLLA, MODELS
 from mlla_mm.models.backbones.mlla import _ROPE_CACHE, apply_rope, rope_tables
-from mlla_mm.testing import PlainMLLA
+from mlla_mm.testing import PlainMLLA, fake_official_state_dict
 
 TINY = dict(embed_dims=32, depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 8))
 # Key names and shapes of the official T/S/B checkpoints
@@ -328,24 +328,11 @@ def test_attention_core_runs_in_float32_under_autocast():
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
-def fake_official(layout: dict, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, shape in layout.items():
-        if key.endswith('num_batches_tracked'):
-            sd[key] = torch.tensor(7)
-        elif key.endswith('running_var'):
-            sd[key] = torch.rand(shape, generator=g) + 0.5
-        else:
-            sd[key] = torch.randn(shape, generator=g) * 0.05
-    return sd
-
-
 @pytest.mark.parametrize('arch', ['tiny', 'small', 'base'])
 @pytest.mark.parametrize('kind', ['cls', 'downstream'])
 def test_official_checkpoints_load_through_init_cfg(layouts, tmp_path, arch, kind):
     layout = layouts[f'{kind}_{arch}']
-    sd = fake_official(layout)
+    sd = fake_official_state_dict(layout)
     path = tmp_path / 'official.pth'
     torch.save({'model': sd} if kind == 'cls' else sd, path)
     model = MLLA(arch=arch, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
@@ -406,7 +393,7 @@ def test_detector_checkpoint_with_prefix(tmp_path):
 
 def test_checkpoint_of_another_variant_is_rejected(layouts, tmp_path):
     path = tmp_path / 'base.pth'
-    torch.save({'model': fake_official(layouts['cls_base'])}, path)
+    torch.save({'model': fake_official_state_dict(layouts['cls_base'])}, path)
     model = MLLA(arch='tiny', init_cfg=dict(type='Pretrained', checkpoint=str(path)))
     with pytest.raises(ValueError, match=r'another variant.*Set `arch`'):
         model.init_weights()
