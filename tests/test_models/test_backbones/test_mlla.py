@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from mlla_mm import MLLA, MODELS
-from mlla_mm.models.backbones.mlla import _ROPE_CACHE, apply_rope, rope_tables
+from mlla_mm.models.backbones.mlla import _ROPE_CACHE, apply_rope, elu_plus_one, rope_tables
 from mlla_mm.testing import PlainMLLA, fake_official_state_dict
 
 TINY = dict(embed_dims=32, depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 8))
@@ -130,6 +130,28 @@ def test_rope_cache_is_keyed_and_not_in_state_dict():
     c = rope_tables(7, 5, 64, 'cpu', torch.float32)
     assert b[0].dtype == torch.float64 and c[0].shape == (7, 5, 32) and len(_ROPE_CACHE) == 3
     assert not any('rope' in k for k in MLLA(arch=TINY).state_dict())
+
+
+def test_elu_plus_one_value_gradient_and_in_place():
+    """``exp(min(x, 0)) + max(x, 0)`` equals ``ELU(x) + 1``, with ELU's gradient; without
+    autograd it overwrites its input."""
+    x = torch.cat([torch.randn(1000) * 4, torch.tensor([0.0, -0.0, -100.0, 100.0, 1e-8, -1e-8])])
+    expected = torch.nn.functional.elu(x) + 1.0
+    with torch.no_grad():
+        y = x.clone()
+        assert elu_plus_one(y) is y
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-7)
+    x64 = x.double().requires_grad_()
+    out = elu_plus_one(x64)
+    weights = torch.rand_like(x64)
+    (grad,) = torch.autograd.grad((out * weights).sum(), x64)
+    x_ref = x.double().requires_grad_()
+    (grad_ref,) = torch.autograd.grad(((torch.nn.functional.elu(x_ref) + 1) * weights).sum(), x_ref)
+    torch.testing.assert_close(out, torch.nn.functional.elu(x.double()) + 1, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-14, atol=1e-15)
+    assert torch.autograd.gradcheck(
+        elu_plus_one, torch.randn(20, dtype=torch.float64, requires_grad=True)
+    )
 
 
 @pytest.mark.parametrize('hw', [(67, 93), (64, 64), (97, 131), (35, 200)])
