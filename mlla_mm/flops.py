@@ -101,6 +101,7 @@ def _build_formulas() -> dict:
     for name, fn in (
         ('_linear_pointwise', _linear_macs),
         ('_convolution_pointwise', _conv_pointwise_macs),
+        ('_convolution_pointwise_', _conv_pointwise_macs),  # (other, X, W, ...): other += conv
     ):
         with contextlib.suppress(AttributeError, RuntimeError):  # a build without oneDNN
             table[getattr(torch.ops.mkldnn, name)] = fn

@@ -225,14 +225,17 @@ def dwconv_nhwc(x: torch.Tensor, conv: nn.Conv2d, residual: bool = False) -> tor
 
 
 _ONEDNN_ACTS = {None: 'none', 'relu': 'relu', 'gelu': 'gelu', 'silu': 'swish'}
-_HAS_ONEDNN_LINEAR = hasattr(torch.ops.mkldnn, '_linear_pointwise')
+_HAS_ONEDNN_FUSION = all(
+    hasattr(torch.ops.mkldnn, op)
+    for op in ('_linear_pointwise', '_convolution_pointwise', '_convolution_pointwise_')
+)
 
 
-def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether oneDNN's fused linear + activation may run: CPU float32 without autograd,
-    autocast or tracing (a fused kernel with the activation in the GEMM's epilogue)."""
+def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN's fused linear/conv kernels may run: CPU float32 without autograd,
+    autocast or tracing (the bias, activation or residual addition in the kernel's epilogue)."""
     return (
-        _HAS_ONEDNN_LINEAR
+        _HAS_ONEDNN_FUSION
         and not torch.is_grad_enabled()
         and x.device.type == 'cpu'
         and x.dtype == weight.dtype == torch.float32
@@ -255,7 +258,7 @@ def linear_act(x: torch.Tensor, linear: nn.Linear | tuple, act: str | None = Non
         act: Activation name or None.
     """
     weight, bias = (linear.weight, linear.bias) if isinstance(linear, nn.Module) else linear
-    if _onednn_linear_ok(x, weight):
+    if _onednn_ok(x, weight):
         algorithm = 'none' if act == 'gelu' else ''
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, _ONEDNN_ACTS[act], [], algorithm)
     y = linear(x) if isinstance(linear, nn.Module) else F.linear(x, weight, bias)
@@ -368,30 +371,48 @@ class ConvLayer(nn.Module):
         self.norm = nn.BatchNorm2d(out_channels) if norm else None
         self.act = nn.ReLU() if act else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.norm is not None and not self.norm.training:
-            x = self._conv_bn_folded(x)
-        else:
-            x = self.conv(x)
-            if self.norm is not None:
-                x = self.norm(x)
-        if self.act is None:
-            return x
-        return F.relu(x, inplace=True)  # on a fresh conv/BN output; its backward reads the result
+    def forward(self, x: torch.Tensor, padding: tuple | None = None) -> torch.Tensor:
+        """Conv, BatchNorm, ReLU; ``padding`` overrides the conv's (inference only, for bands)."""
+        if self.norm is not None and self.norm.training:
+            x = self.norm(self.conv(x))
+            return x if self.act is None else F.relu(x, inplace=True)  # backward reads the result
+        weight, bias = self._folded()
+        conv = self.conv
+        padding = conv.padding if padding is None else padding
+        if _onednn_ok(x, weight):  # one kernel with the bias and ReLU in its epilogue
+            act = 'relu' if self.act is not None else 'none'
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, weight, bias, padding, conv.stride, conv.dilation, conv.groups, act, [], ''
+            )
+        x = F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
+        return x if self.act is None else F.relu(x, inplace=True)
+
+    def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)``; without autograd on CPU the conv accumulates into ``residual``."""
+        weight, bias = self._folded()
+        conv = self.conv
+        if self.act is None and _onednn_ok(x, weight) and not self.norm_training:
+            return torch.ops.mkldnn._convolution_pointwise_.binary(
+                residual, x, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups,
+                'add', 1.0, None, [], None,
+            )  # fmt: skip
+        y = self(x)
+        return y.add_(residual) if not torch.is_grad_enabled() else y + residual
+
+    @property
+    def norm_training(self) -> bool:
+        return self.norm is not None and self.norm.training
 
     def _folded(self) -> tuple:
         """Conv weight and bias with the (inference-mode) BatchNorm folded in."""
         conv, bn = self.conv, self.norm
+        if bn is None:
+            return conv.weight, conv.bias
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         bias = bn.bias - bn.running_mean * scale
         if conv.bias is not None:
             bias = bias + conv.bias * scale
         return conv.weight * scale.reshape(-1, 1, 1, 1), bias
-
-    def _conv_bn_folded(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.conv
-        weight, bias = self._folded()
-        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """A 1x1 ConvLayer on channels-last tokens (B, H, W, C_in) -> (B, H, W, C_out).
@@ -400,10 +421,8 @@ class ConvLayer(nn.Module):
         folded in at inference and runs on the NCHW view of the tokens in training.
         """
         act = 'relu' if self.act is not None else None
-        if self.norm is None or not self.norm.training:
-            weight, bias = (
-                self._folded() if self.norm is not None else (self.conv.weight, self.conv.bias)
-            )
+        if not self.norm_training:
+            weight, bias = self._folded()
             return linear_act(x, (weight.flatten(1), bias), act)
         x = F.linear(x, self.conv.weight.flatten(1), self.conv.bias)
         x = self.norm(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -437,10 +456,31 @@ class Stem(nn.Module):
             x = F.pad(x, (0, (w + 3) // 4 * 4 - w, 0, (h + 3) // 4 * 4 - h))
         # channels-last convs: oneDNN's fastest path, and the NHWC tokens come out copy-free
         x = self.conv1(x.contiguous(memory_format=torch.channels_last))
-        y = self.conv2(x)
-        x = y.add_(x) if not torch.is_grad_enabled() else y + x
+        x = self.conv2[1].add_to(self.conv2[0](x), x)
+        if not (torch.is_grad_enabled() or _tracing() or self.conv3[0].norm_training):
+            return self._conv3_bands(x)
         x = self.conv3[0](x).permute(0, 2, 3, 1)
         return self.conv3[1].forward_tokens(x)
+
+    def _conv3_bands(self, x: torch.Tensor) -> torch.Tensor:
+        """``conv3`` at inference over bands of output rows, so that its 4x-wide hidden tensor
+        (the largest of the model) never exists whole.
+
+        Output rows ``[r0, r1)`` of the stride-2 3x3 conv read input rows ``2 r0 - 1 .. 2 r1 - 1``
+        (row -1 is the zero padding, which the first band keeps; the others slice it out).
+        """
+        wide, project = self.conv3
+        b, _, h, w = x.shape
+        out = x.new_empty(b, h // 2, w // 2, project.conv.out_channels)
+        rows = max(1, CHUNK_ELEMENTS // (b * (w // 2) * wide.conv.out_channels))
+        for r0 in range(0, h // 2, rows):
+            r1 = min(r0 + rows, h // 2)
+            if r0 == 0:
+                t = wide(x[:, :, : 2 * r1])
+            else:
+                t = wide(x[:, :, 2 * r0 - 1 : 2 * r1], padding=(0, 1))
+            out[:, r0:r1] = project.forward_tokens(t.permute(0, 2, 3, 1))
+        return out
 
 
 class PatchMerging(nn.Module):
