@@ -388,7 +388,7 @@ class ConvLayer(nn.Module):
         return x if self.act is None else F.relu(x, inplace=True)
 
     def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``residual + self(x)``; without autograd on CPU the conv accumulates into ``residual``."""
+        """``residual + self(x)``; without autograd on CPU the conv accumulates into it."""
         weight, bias = self._folded()
         conv = self.conv
         if self.act is None and _onednn_ok(x, weight) and not self.norm_training:
