@@ -311,15 +311,19 @@ def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
 
     ATen's ELU evaluates ``expm1`` element by element (about ten times slower than its vectorised
     ``exp`` on this CPU), so it is computed as ``exp(min(x, 0)) + max(x, 0)``: the same value above
-    zero, and within an ulp of 1 below it. Without autograd ``x`` is overwritten with the result;
-    tracing and export keep the ELU operator.
+    zero, and within an ulp of 1 below it. Without autograd ``x`` (contiguous) is overwritten
+    with the result, chunk by cache-sized chunk; tracing and export keep the ELU operator.
     """
     if _tracing():
         return F.elu(x) + 1.0
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or not x.is_contiguous():
         return _EluPlusOne.apply(x)
-    negative = torch.clamp_max(x, 0.0).exp_()
-    return x.clamp_min_(0.0).add_(negative)
+    flat = x.view(-1)
+    for start in range(0, flat.numel(), 2**18):
+        chunk = flat[start : start + 2**18]
+        negative = torch.clamp_max(chunk, 0.0).exp_()  # before the chunk is overwritten
+        chunk.clamp_min_(0.0).add_(negative)
+    return x
 
 
 def _check_checkpoint_file(path) -> None:
@@ -389,9 +393,9 @@ class ConvLayer(nn.Module):
 
     def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + self(x)``; without autograd on CPU the conv accumulates into it."""
-        weight, bias = self._folded()
         conv = self.conv
-        if self.act is None and _onednn_ok(x, weight) and not self.norm_training:
+        weight, bias = self._folded() if not self.norm_training else (conv.weight, None)
+        if self.act is None and not self.norm_training and _onednn_ok(x, weight):
             return torch.ops.mkldnn._convolution_pointwise_.binary(
                 residual, x, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups,
                 'add', 1.0, None, [], None,
@@ -534,39 +538,57 @@ class PatchMerging(nn.Module):
 
 
 class _MlpFunction(torch.autograd.Function):
-    """``fc2(GELU(fc1(x)))`` for training that keeps the pre-activation but not the GELU output.
+    """``fc2(GELU(fc1(x)))`` for training, over chunks of tokens, keeping only the pre-activation.
 
     Plain autograd keeps both 4x-wide tensors (GELU's input, and its output for ``fc2``'s weight
     gradient); here the backward recomputes GELU from the kept input (the same values, bit for
-    bit), which saves a quarter of the block's activation memory and its page faults.
+    bit), which saves a quarter of the block's activation memory. Forward and backward run over
+    chunks of at most :data:`CHUNK_ELEMENTS` hidden activations (the pre-activation is kept as
+    those chunks), so no 4x-wide tensor exists whole: at high resolution a whole one is large
+    enough that the allocator maps fresh pages for it every step, and page faults then cost more
+    than the GEMMs. The weight gradients accumulate over the chunks.
     """
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
-        pre = F.linear(x, w1, b1)
-        ctx.save_for_backward(x, w1, pre, w2)
-        return F.linear(F.gelu(pre), w2, b2)
+        tokens = x.reshape(-1, x.shape[-1])
+        step = max(1, CHUNK_ELEMENTS // w1.shape[0])
+        out = tokens.new_empty(tokens.shape[0], w2.shape[0])
+        pres = []
+        for start in range(0, tokens.shape[0], step):
+            pre = F.linear(tokens[start : start + step], w1, b1)
+            out[start : start + step] = F.linear(F.gelu(pre), w2, b2)
+            pres.append(pre)
+        ctx.step = step
+        ctx.save_for_backward(x, w1, w2, *pres)
+        return out.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad):
-        x, w1, pre, w2 = ctx.saved_tensors
+        x, w1, w2, *pres = ctx.saved_tensors
         need = ctx.needs_input_grad
         grad = grad.reshape(-1, grad.shape[-1])
-        pre = pre.reshape(-1, pre.shape[-1])
-        grads = [None] * 5
-        if need[3]:
-            grads[3] = grad.t() @ F.gelu(pre)
-        if need[4]:
-            grads[4] = grad.sum(0)
-        if need[0] or need[1] or need[2]:
-            grad_pre = torch.ops.aten.gelu_backward(grad @ w2, pre)
-            if need[0]:
-                grads[0] = (grad_pre @ w1).view_as(x)
-            if need[1]:
-                grads[1] = grad_pre.t() @ x.reshape(-1, x.shape[-1])
-            if need[2]:
-                grads[2] = grad_pre.sum(0)
-        return tuple(grads)
+        tokens = x.reshape(-1, x.shape[-1])
+        grad_x = torch.empty_like(tokens) if need[0] else None
+        grad_w1 = torch.zeros_like(w1) if need[1] else None
+        grad_b1 = w1.new_zeros(w1.shape[0]) if need[2] else None
+        grad_w2 = torch.zeros_like(w2) if need[3] else None
+        for i, pre in enumerate(pres):
+            rows = slice(i * ctx.step, i * ctx.step + pre.shape[0])
+            g = grad[rows]
+            if need[3]:
+                grad_w2.addmm_(g.t(), F.gelu(pre))
+            if need[0] or need[1] or need[2]:
+                grad_pre = torch.ops.aten.gelu_backward(g @ w2, pre)
+                if need[0]:
+                    torch.mm(grad_pre, w1, out=grad_x[rows])
+                if need[1]:
+                    grad_w1.addmm_(grad_pre.t(), tokens[rows])
+                if need[2]:
+                    grad_b1 += grad_pre.sum(0)
+        grad_b2 = grad.sum(0) if need[4] else None
+        grad_x = grad_x.view_as(x) if need[0] else None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
 class Mlp(nn.Module):

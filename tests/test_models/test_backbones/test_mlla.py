@@ -134,8 +134,9 @@ def test_rope_cache_is_keyed_and_not_in_state_dict():
 
 def test_elu_plus_one_value_gradient_and_in_place():
     """``exp(min(x, 0)) + max(x, 0)`` equals ``ELU(x) + 1``, with ELU's gradient; without
-    autograd it overwrites its input."""
-    x = torch.cat([torch.randn(1000) * 4, torch.tensor([0.0, -0.0, -100.0, 100.0, 1e-8, -1e-8])])
+    autograd it overwrites its input, chunk by chunk."""
+    specials = torch.tensor([0.0, -0.0, -100.0, 100.0, 1e-8, -1e-8])
+    x = torch.cat([torch.randn(2**19 + 1000) * 4, specials])  # several in-place chunks
     expected = torch.nn.functional.elu(x) + 1.0
     with torch.no_grad():
         y = x.clone()
