@@ -24,6 +24,7 @@ with the same parameter names, so the official checkpoints load unchanged:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zipfile
 from collections.abc import Sequence
@@ -326,6 +327,26 @@ def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+class _Recomputing:
+    """Context of a checkpoint's recomputation (counted, as recomputations may nest)."""
+
+    depth = 0
+
+    def __enter__(self) -> None:
+        type(self).depth += 1
+
+    def __exit__(self, *exc) -> None:
+        type(self).depth -= 1
+
+
+def checkpoint(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` with activation checkpointing (non-reentrant); during the recomputation
+    BatchNorm layers of :class:`ConvLayer` leave their running statistics as they are, so that
+    a training step updates them once, as without checkpointing."""
+    contexts = lambda: (contextlib.nullcontext(), _Recomputing())  # noqa: E731
+    return cp.checkpoint(fn, x, use_reentrant=False, context_fn=contexts)
+
+
 def _check_checkpoint_file(path) -> None:
     """Fail early and clearly on a missing file or one that is not a PyTorch checkpoint."""
     if not isinstance(path, (str, os.PathLike)) or '://' in str(path):
@@ -377,8 +398,8 @@ class ConvLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, padding: tuple | None = None) -> torch.Tensor:
         """Conv, BatchNorm, ReLU; ``padding`` overrides the conv's (inference only, for bands)."""
-        if self.norm is not None and self.norm.training:
-            x = self.norm(self.conv(x))
+        if self.norm_training:
+            x = self._batch_norm(self.conv(x))
             return x if self.act is None else F.relu(x, inplace=True)  # backward reads the result
         weight, bias = self._folded()
         conv = self.conv
@@ -407,6 +428,23 @@ class ConvLayer(nn.Module):
     def norm_training(self) -> bool:
         return self.norm is not None and self.norm.training
 
+    def _batch_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """Training-mode BatchNorm; a checkpoint's recomputation restores the running statistics
+        afterwards (any BatchNorm class, SyncBatchNorm included)."""
+        bn = self.norm
+        if not (_Recomputing.depth and bn.track_running_stats):
+            return bn(x)
+        buffers = [
+            b for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if b is not None
+        ]
+        saved = [b.clone() for b in buffers]
+        try:  # the recomputation may stop early, by an exception raised inside bn(x)
+            return bn(x)
+        finally:
+            with torch.no_grad():
+                for b, v in zip(buffers, saved):
+                    b.copy_(v)
+
     def _folded(self) -> tuple:
         """Conv weight and bias with the (inference-mode) BatchNorm folded in."""
         conv, bn = self.conv, self.norm
@@ -429,7 +467,7 @@ class ConvLayer(nn.Module):
             weight, bias = self._folded()
             return linear_act(x, (weight.flatten(1), bias), act)
         x = F.linear(x, self.conv.weight.flatten(1), self.conv.bias)
-        x = self.norm(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = self._batch_norm(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return x if act is None else F.relu(x, inplace=True)
 
 
@@ -792,7 +830,7 @@ class MLLAStage(nn.Module):
         """Run the blocks on (B, H, W, C); the caller applies ``downsample``."""
         for block in self.blocks:
             if self.with_cp and x.requires_grad:
-                x = cp.checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x)
             else:
                 x = block(x)
         return x
@@ -816,7 +854,8 @@ class MLLA(BaseModule):
         frozen_stages: -1 freezes nothing; 0 the stem; ``k > 0`` the stem, stages ``0..k-1``
             and their output norms (kept in eval mode).
         norm_eval: Keep BatchNorm layers in eval mode during training.
-        with_cp: Activation checkpointing per block (saves memory, costs a recomputation).
+        with_cp: Activation checkpointing of every block, the stem and the patch mergings
+            (saves most activation memory, costs a recomputation).
         checkpoint_key: Entry of an official ImageNet checkpoint to load the weights from:
             ``'model'``, or the EMA weights (``'model_ema'``/``'state_dict_ema'``) on request.
         init_cfg: mmengine init config, e.g. ``dict(type='Pretrained', checkpoint=PATH)`` with an
@@ -1005,7 +1044,7 @@ class MLLA(BaseModule):
         """(B, C_in, H, W) -> tuple of NCHW features, one per index in ``out_indices``."""
         if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
             self._check_input(x)
-        x = self.patch_embed(x)
+        x = self._maybe_checkpoint(self.patch_embed, x)
         outs = []
         for i, stage in enumerate(self.layers):
             x = stage(x)
@@ -1013,8 +1052,16 @@ class MLLA(BaseModule):
                 outs.append(getattr(self, f'norm{i}')(x).permute(0, 3, 1, 2).contiguous())
             if i == max(self.out_indices):
                 break
-            x = stage.downsample(x)
+            x = self._maybe_checkpoint(stage.downsample, x)
         return tuple(outs)
+
+    def _maybe_checkpoint(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """With ``with_cp`` the stem and the patch mergings are checkpointed too (their wide
+        conv activations are a large part of the memory at high resolution)."""
+        trainable = any(p.requires_grad for p in module.parameters())
+        if self.with_cp and torch.is_grad_enabled() and trainable and not _tracing():
+            return checkpoint(module, x)
+        return module(x)
 
     # ----------------------------------------------------------------------------------------
     def _freeze_stages(self) -> None:

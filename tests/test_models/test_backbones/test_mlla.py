@@ -1,6 +1,7 @@
 """Tests of ``mlla_mm.MLLA``: shapes, numerics against the plain transcription, RoPE, options,
 mixed precision, checkpoints and bad input."""
 
+import collections
 import json
 import math
 from pathlib import Path
@@ -191,19 +192,29 @@ def test_matches_plain_transcription_training_with_gradients():
         assert torch.allclose(b.float(), b_ref.float(), rtol=1e-5, atol=1e-6), name
 
 
-def test_with_cp_same_output_and_gradients():
+def test_with_cp_same_output_gradients_and_batchnorm_statistics():
+    """with_cp checkpoints the blocks, the stem and the patch mergings (each runs twice per
+    step); outputs, gradients and the BatchNorm running statistics (updated once, not again by
+    the recomputation) equal those without it."""
     torch.manual_seed(0)
     model = MLLA(arch=TINY, drop_path_rate=0.0)
     model_cp = MLLA(arch=TINY, drop_path_rate=0.0, with_cp=True)
     model_cp.load_state_dict(model.state_dict())
-    x = torch.randn(1, 3, 50, 70)
+    calls = collections.Counter()
+    for name in ('patch_embed', 'layers.0.downsample', 'layers.1.blocks.0'):
+        model_cp.get_submodule(name).register_forward_pre_hook(lambda *_, n=name: calls.update([n]))
+    x = torch.randn(2, 3, 50, 70)
     outs, outs_cp = model(x), model_cp(x)
     sum(o.square().mean() for o in outs).backward()
     sum(o.square().mean() for o in outs_cp).backward()
+    assert set(calls.values()) == {2}, calls
     for o, o_cp in zip(outs, outs_cp):
         assert torch.allclose(o, o_cp, atol=1e-6)
     for (name, p), p_cp in zip(model.named_parameters(), model_cp.parameters()):
         assert torch.allclose(p.grad, p_cp.grad, rtol=1e-4, atol=1e-7), name
+    for (name, b), b_cp in zip(model.named_buffers(), model_cp.buffers()):
+        assert torch.equal(b, b_cp), name
+    assert model_cp.patch_embed.conv1.norm.num_batches_tracked.item() == 1
 
 
 def test_drop_path_only_in_training():
