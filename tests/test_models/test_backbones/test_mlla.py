@@ -169,7 +169,14 @@ def test_matches_plain_transcription_eval(hw):
         assert rel_err(o, r) <= 1e-5
 
 
-def test_matches_plain_transcription_training_with_gradients():
+@pytest.mark.parametrize('chunk_elements', [None, 1000])
+def test_matches_plain_transcription_training_with_gradients(monkeypatch, chunk_elements):
+    """Training outputs, every parameter's gradient and the BatchNorm statistics equal the plain
+    transcription's; with 1000-element chunks the training MLP runs over many token chunks."""
+    if chunk_elements is not None:
+        from mlla_mm.models.backbones import mlla as mlla_module
+
+        monkeypatch.setattr(mlla_module, 'CHUNK_ELEMENTS', chunk_elements)
     model, ref = tiny_pair()
     model.train(), ref.train()
     x = torch.randn(2, 3, 45, 61)
