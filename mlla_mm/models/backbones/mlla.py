@@ -12,9 +12,11 @@ with the same parameter names, so the official checkpoints load unchanged:
 * tokens stay channels-last (B, H, W, C) through a stage; depthwise convs see a channels-last NCHW
   view and the 1x1 convs of the stem and patch merging run as token GEMMs, so no permute copies;
   the attention heads are a batch dimension of strided views (one batched GEMM per product);
-* inference only (no autograd): BatchNorm folded into the convs, oneDNN linear kernels with the
-  bias and activation in their epilogue, in-place activations, RoPE and residual products, and
-  the MLP and the patch merging run over chunks so their wide hidden tensors never exist whole.
+* ``ELU(x) + 1`` as ``exp(min(x, 0)) + max(x, 0)`` (ATen's ELU runs a scalar ``expm1``);
+* inference only (no autograd): BatchNorm folded into the convs, oneDNN linear and conv kernels
+  with the bias and activation in their epilogue, in-place activations, RoPE and residual
+  products, and the MLP, the patch merging and the stem's stride-2 conv run over chunks so their
+  wide hidden tensors never exist whole. In training the MLP runs over chunks of tokens too.
   With autograd the same equations run out of place; the tests hold every path to the plain
   transcription (:mod:`mlla_mm.testing`);
 * the linear-attention normaliser and KV product run in float32 under autocast;
