@@ -321,9 +321,9 @@ def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
         return F.elu(x) + 1.0
     if torch.is_grad_enabled() or not x.is_contiguous():
         return _EluPlusOne.apply(x)
-    flat = x.view(-1)
-    for start in range(0, flat.numel(), 2**18):
-        chunk = flat[start : start + 2**18]
+    flat, step = x.view(-1), 2**18  # 1 MB chunks: the temporary stays in the L2 cache
+    for start in range(0, flat.numel(), step):
+        chunk = flat[start : start + step]
         negative = torch.clamp_max(chunk, 0.0).exp_()  # before the chunk is overwritten
         chunk.clamp_min_(0.0).add_(negative)
     return x
@@ -371,9 +371,15 @@ def _check_checkpoint_file(path) -> None:
 # --------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------
-# Inference runs the MLP and the patch merging over chunks of tokens / bands of rows, so that
-# their 4x / 8x-wide hidden tensors hold at most this many elements (16 MB in float32) at a time.
+# The MLP (inference and training), the patch merging and the stem's stride-2 conv (inference)
+# run over chunks of tokens / bands of rows, so that their 4x / 8x-wide hidden tensors hold at
+# most this many elements (16 MB in float32) at a time.
 CHUNK_ELEMENTS = 2**22
+
+
+def _rows_per_chunk(elements_per_row: int) -> int:
+    """How many rows (tokens, or rows of a feature map) keep a chunk within CHUNK_ELEMENTS."""
+    return max(1, CHUNK_ELEMENTS // elements_per_row)
 
 
 class ConvLayer(nn.Module):
@@ -417,8 +423,8 @@ class ConvLayer(nn.Module):
     def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + self(x)``; without autograd on CPU the conv accumulates into it."""
         conv = self.conv
-        weight, bias = self._folded() if not self.norm_training else (conv.weight, None)
-        if self.act is None and not self.norm_training and _onednn_ok(x, weight):
+        if self.act is None and not self.norm_training and _onednn_ok(x, conv.weight):
+            weight, bias = self._folded()
             return torch.ops.mkldnn._convolution_pointwise_.binary(
                 residual, x, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups,
                 'add', 1.0, None, [], None,
@@ -516,7 +522,7 @@ class Stem(nn.Module):
         wide, project = self.conv3
         b, _, h, w = x.shape
         out = x.new_empty(b, h // 2, w // 2, project.conv.out_channels)
-        rows = max(1, CHUNK_ELEMENTS // (b * (w // 2) * wide.conv.out_channels))
+        rows = _rows_per_chunk(b * (w // 2) * wide.conv.out_channels)
         for r0 in range(0, h // 2, rows):
             r1 = min(r0 + rows, h // 2)
             if r0 == 0:
@@ -563,7 +569,7 @@ class PatchMerging(nn.Module):
         expand, dwconv, project = self.conv
         b, h, w, _ = x.shape
         out = x.new_empty(b, h // 2, w // 2, project.conv.out_channels)
-        rows = max(1, CHUNK_ELEMENTS // (2 * b * w * expand.conv.out_channels))
+        rows = _rows_per_chunk(2 * b * w * expand.conv.out_channels)
         weight, bias, groups = dwconv.conv.weight, dwconv.conv.bias, dwconv.conv.groups
         halo = None  # the previous band's last expanded row, NCHW (B, C, 1, W)
         for r0 in range(0, h // 2, rows):
@@ -592,7 +598,7 @@ class _MlpFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
         tokens = x.reshape(-1, x.shape[-1])
-        step = max(1, CHUNK_ELEMENTS // w1.shape[0])
+        step = _rows_per_chunk(w1.shape[0])
         out = tokens.new_empty(tokens.shape[0], w2.shape[0])
         pres = []
         for start in range(0, tokens.shape[0], step):
@@ -797,7 +803,7 @@ class MLLABlock(nn.Module):
         lower peak memory, and chunk buffers the allocator reuses instead of fresh pages.
         """
         tokens = x.view(-1, x.shape[-1])
-        step = max(1, CHUNK_ELEMENTS // self.mlp.fc1.out_features)
+        step = _rows_per_chunk(self.mlp.fc1.out_features)
         for start in range(0, tokens.shape[0], step):
             rows = tokens[start : start + step]
             hidden = linear_act(self.norm2(rows), self.mlp.fc1, 'gelu')
@@ -1060,10 +1066,13 @@ class MLLA(BaseModule):
     def _maybe_checkpoint(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """With ``with_cp`` the stem and the patch mergings are checkpointed too (their wide
         conv activations are a large part of the memory at high resolution)."""
-        trainable = any(p.requires_grad for p in module.parameters())
-        if self.with_cp and torch.is_grad_enabled() and trainable and not _tracing():
-            return checkpoint(module, x)
-        return module(x)
+        use_cp = (  # the parameter scan only when with_cp is on
+            self.with_cp
+            and torch.is_grad_enabled()
+            and not _tracing()
+            and any(p.requires_grad for p in module.parameters())
+        )
+        return checkpoint(module, x) if use_cp else module(x)
 
     # ----------------------------------------------------------------------------------------
     def _freeze_stages(self) -> None:
