@@ -13,13 +13,15 @@ not understood stops the conversion with an error that lists it: no weight is dr
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
-from mlla_mm.models.backbones.mlla import MLLA
+from mlla_mm.models.backbones.mlla import MLLA, checkpoint_arch, official_arch_name
+from mlla_mm.safe_load import CheckpointFileError, load_file
 
 __all__ = ['convert_checkpoint', 'convert_state_dict', 'infer_arch', 'load_official']
 
@@ -43,13 +45,14 @@ def load_official(path: str | Path, key: str | None = None) -> dict:
             ``state_dict``); by default the first of those present, else the file itself.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'Checkpoint {str(path)!r} does not exist')
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name and the fix
+        ckpt = load_file(path)
+    except (FileNotFoundError, CheckpointFileError):
+        raise
+    except pickle.UnpicklingError as e:  # readable, but refused by weights_only
         raise ValueError(
-            f'{str(path)!r} is not a checkpoint that loads safely with weights_only=True: {e}'
+            f'{str(path)!r} pickles objects that torch.load(weights_only=True) refuses, so it is '
+            f'not loaded (it could run code): {e}'
         ) from e
     if not isinstance(ckpt, dict):
         raise ValueError(f'{str(path)!r} holds a {type(ckpt).__name__}, not a state dict')
@@ -63,42 +66,80 @@ def load_official(path: str | Path, key: str | None = None) -> dict:
     return ckpt
 
 
-def infer_arch(backbone_sd: dict) -> str:
-    """Name of the official variant (``tiny``/``small``/``base``) that matches these weights."""
-    try:
-        embed = backbone_sd['patch_embed.conv3.1.conv.weight'].shape[0]
-    except KeyError as e:
-        raise ValueError(
-            'Not an MLLA state dict: patch_embed.conv3.1.conv.weight is missing'
-        ) from e
-    depths = []
-    for i in range(4):
-        blocks = {
-            int(m.group(1))
-            for k in backbone_sd
-            if (m := re.match(rf'layers\.{i}\.blocks\.(\d+)\.', k))
-        }
-        depths.append(len(blocks))
-    for name in ('tiny', 'small', 'base'):
-        arch = MLLA.arch_zoo[name]
-        if arch['embed_dims'] == embed and tuple(arch['depths']) == tuple(depths):
-            return name
-    raise ValueError(
-        f'Weights with embed_dims={embed}, depths={tuple(depths)} match no official MLLA variant; '
-        'pass --arch with a dict of embed_dims/depths/num_heads'
-    )
+def infer_arch(backbone_sd: dict) -> str | dict:
+    """The architecture of MLLA backbone weights, read from the tensors.
+
+    Returns:
+        str | dict: The official variant's name (``'tiny'``/``'small'``/``'base'``) when the
+        widths and depths are one of them, else a dict with ``embed_dims``, ``depths`` (and
+        ``mlp_ratio`` if it is not 4). ``num_heads`` changes no tensor shape, so it is not part
+        of it: conversion does not need it, the model config does.
+    """
+    found = checkpoint_arch(backbone_sd)
+    if found is None:
+        raise ValueError('Not an MLLA state dict: patch_embed.conv3.1.conv.weight is missing')
+    name = official_arch_name(found)
+    if name is not None:
+        return name
+    arch = dict(embed_dims=found['embed_dims'], depths=found['depths'])
+    if found['mlp_ratio'] != 4.0:
+        arch['mlp_ratio'] = found['mlp_ratio']
+    return arch
+
+
+def _describe(arch: str | dict) -> str:
+    if isinstance(arch, str):
+        return f'MLLA-{arch}'
+    return 'MLLA(' + ', '.join(f'{k}={v}' for k, v in arch.items() if k != 'num_heads') + ')'
 
 
 def _check_backbone(sd: dict, arch: str | dict, where: str) -> None:
-    model_sd = MLLA(arch=arch, drop_path_rate=0.0).state_dict()
+    """Every backbone key of ``sd`` is one of ``arch`` with its shape, and none is missing (but
+    the output norms ``norm0..norm2``, which an ImageNet checkpoint does not have)."""
+    found = infer_arch(sd)
+    if isinstance(arch, str):
+        arch = arch.lower()
+        if arch not in MLLA.arch_zoo:
+            raise ValueError(
+                f'{where}: unknown arch {arch!r}; give tiny, small, base or a JSON dict such as '
+                '\'{"embed_dims": 64, "depths": [2, 4, 8, 4], "num_heads": [2, 4, 8, 16]}\''
+            )
+        spec = dict(MLLA.arch_zoo[arch])
+    else:
+        spec = dict(arch)
+    mlp_ratio = spec.pop('mlp_ratio', 4.0)
+    spec.setdefault('num_heads', (1,) * MLLA.num_stages)  # shapes do not depend on it
+    try:
+        model = MLLA(arch=spec, mlp_ratio=mlp_ratio, drop_path_rate=0.0)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f'{where}: arch {arch!r} is not a valid MLLA arch: {e}') from e
+    model_sd = model.state_dict()
+    wanted = (spec['embed_dims'], tuple(spec['depths']))
+    if isinstance(found, str):
+        have = (MLLA.arch_zoo[found]['embed_dims'], tuple(MLLA.arch_zoo[found]['depths']))
+    else:
+        have = (found['embed_dims'], tuple(found['depths']))
+    if wanted != have or (not isinstance(found, str) and found.get('mlp_ratio', 4.0) != mlp_ratio):
+        raise ValueError(
+            f'{where}: the weights are {_describe(found)}, not {_describe(arch)}; '
+            f"drop --arch to use the weights' own, or pass the arch of this checkpoint"
+        )
     unknown = sorted(set(sd) - set(model_sd))
     if unknown:
-        raise KeyError(f'{where}: keys not understood (not MLLA-{arch} keys): {unknown[:10]}')
+        raise KeyError(f'{where}: keys not understood (not {_describe(arch)} keys): {unknown[:10]}')
+    missing = sorted(
+        k for k in set(model_sd) - set(sd) if not k.startswith(('norm0.', 'norm1.', 'norm2.'))
+    )
+    if missing:
+        raise KeyError(
+            f'{where}: the checkpoint lacks {len(missing)} weights of {_describe(arch)}: '
+            f'{missing[:10]}'
+        )
     for k, v in sd.items():
         if tuple(v.shape) != tuple(model_sd[k].shape):
             raise ValueError(
                 f'{where}: {k} has shape {tuple(v.shape)}, '
-                f'MLLA-{arch} expects {tuple(model_sd[k].shape)}'
+                f'{_describe(arch)} expects {tuple(model_sd[k].shape)}'
             )
 
 
@@ -158,9 +199,15 @@ def convert_checkpoint(
     """
     sd = load_official(src, key)
     converted = convert_state_dict(sd, task, arch)
+    backbone = {k[len('backbone.') :]: v for k, v in converted.items() if k.startswith('backbone.')}
     ckpt = {
         'state_dict': converted,
-        'meta': {'converted_from': str(src), 'task': task, 'converter': 'mlla_mm.convert'},
+        'meta': {
+            'converted_from': str(src),
+            'task': task,
+            'arch': infer_arch(backbone),
+            'converter': 'mlla_mm.convert',
+        },
     }
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, dst)

@@ -5,7 +5,26 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ['EXTRAS', 'require']
+__all__ = ['EXTRAS', 'MIN_TORCH', 'check_torch_version', 'require']
+
+# The oldest torch the package runs on: torch.compiler.is_compiling() (the backbone's tracing
+# checks) appeared in torch 2.3. setup.py states the same floor.
+MIN_TORCH = (2, 3)
+
+
+def check_torch_version(version: str) -> None:
+    """Raise ImportError, naming the floor and the fix, if ``version`` is older than MIN_TORCH."""
+    try:
+        have = tuple(int(p) for p in version.split('+')[0].split('.')[:2])
+    except ValueError:  # a development build with an unusual version string: do not block it
+        return
+    if have < MIN_TORCH:
+        floor = '.'.join(map(str, MIN_TORCH))
+        raise ImportError(
+            f'mlla_mm needs torch >= {floor} (it uses torch.compiler.is_compiling), found torch '
+            f'{version}; upgrade with `pip install "torch>={floor}"`'
+        )
+
 
 # package -> (pip distribution, extra of this package that installs it)
 EXTRAS = {

@@ -71,8 +71,11 @@ def test_unknown_and_mismatched_keys_fail_loudly():
         convert_state_dict(
             {**official, 'layers.0.blocks.0.attn.proj.weight': torch.zeros(1)}, 'cls'
         )
-    with pytest.raises(ValueError, match='expects'):
+    with pytest.raises(ValueError, match='the weights are MLLA-tiny, not MLLA-base'):
         convert_state_dict(official, 'cls', arch='base')
+    bad_shape = {**official, 'layers.1.blocks.0.attn.qk.bias': torch.zeros(3)}
+    with pytest.raises(ValueError, match=r'qk.bias has shape \(3,\), MLLA-tiny expects \(256,\)'):
+        convert_state_dict(bad_shape, 'cls')
     with pytest.raises(ValueError, match="task must be 'cls', 'det' or 'seg'"):
         convert_state_dict(official, 'pose')
 
@@ -121,3 +124,55 @@ def test_converter_cli_reports_errors(tmp_path):
     )
     assert out.returncode == 1 and "key not understood: 'foo.weight'" in out.stderr
     assert not (tmp_path / 'o.pth').exists()
+
+
+def _cli(*args):
+    tool = ROOT / 'tools' / 'model_converters' / 'mlla2mm.py'
+    return subprocess.run(
+        [sys.executable, str(tool), *map(str, args)], capture_output=True, text=True
+    )
+
+
+def test_converter_refuses_a_variant_with_the_same_widths(tmp_path):
+    """MLLA-T weights with --arch small (same widths, other depths) must not be written."""
+    src = tmp_path / 'MLLA_T.pth'
+    torch.save({'model': fake_official_state_dict(LAYOUTS['cls_tiny'])}, src)
+    out = _cli(src, tmp_path / 'o.pth', '--task', 'cls', '--arch', 'small')
+    assert out.returncode == 1 and 'the weights are MLLA-tiny, not MLLA-small' in out.stderr
+    assert not (tmp_path / 'o.pth').exists()
+    # and blocks missing from a checkpoint are named
+    official = fake_official_state_dict(LAYOUTS['cls_tiny'])
+    del official['layers.2.blocks.7.mlp.fc2.bias']
+    with pytest.raises(KeyError, match=r'lacks 1 weights of MLLA-tiny.*blocks.7.mlp.fc2.bias'):
+        convert_state_dict(official, 'cls')
+
+
+CUSTOM = {'embed_dims': 32, 'depths': [1, 2, 2, 1], 'num_heads': [1, 2, 4, 8]}
+
+
+def _custom_official(tmp_path):
+    from mlla_mm import MLLA
+
+    sd = MLLA(arch=CUSTOM, out_indices=(3,)).state_dict()
+    sd = {('norm.' + k[6:] if k.startswith('norm3.') else k): v for k, v in sd.items()}
+    sd['head.weight'], sd['head.bias'] = torch.randn(10, 256), torch.randn(10)
+    src = tmp_path / 'custom.pth'
+    torch.save({'model': sd}, src)
+    return src, sd
+
+
+def test_converter_reads_a_custom_arch_from_the_weights(tmp_path):
+    src, sd = _custom_official(tmp_path)
+    assert infer_arch(sd) == {'embed_dims': 32, 'depths': (1, 2, 2, 1)}
+    out = _cli(src, tmp_path / 'auto.pth', '--task', 'cls')
+    assert out.returncode == 0, out.stderr
+    assert "arch {'embed_dims': 32, 'depths': (1, 2, 2, 1)}" in out.stdout
+    out = _cli(src, tmp_path / 'json.pth', '--task', 'cls', '--arch', json.dumps(CUSTOM))
+    assert out.returncode == 0, out.stderr
+    saved = torch.load(tmp_path / 'json.pth', weights_only=True)
+    assert torch.equal(saved['state_dict']['backbone.norm3.weight'], sd['norm.weight'])
+    wrong = {**CUSTOM, 'depths': [1, 2, 3, 1]}
+    out = _cli(src, tmp_path / 'wrong.pth', '--task', 'cls', '--arch', json.dumps(wrong))
+    assert out.returncode == 1 and 'not MLLA(embed_dims=32, depths=[1, 2, 3, 1])' in out.stderr
+    out = _cli(src, tmp_path / 'bad.pth', '--task', 'cls', '--arch', '{embed_dims: 32}')
+    assert out.returncode == 2 and '--arch is not valid JSON' in out.stderr

@@ -4,8 +4,10 @@ install hint when their library is missing."""
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+import torch
 
 BLOCK = ('mmcv', 'mmdet', 'mmseg', 'mmpretrain', 'torchvision', 'onnx', 'onnxruntime')
 
@@ -66,3 +68,19 @@ def test_missing_library_names_the_install_command(package, extra):
     assert out.returncode == 0, out.stderr
     assert f'mlla_mm needs {package} for a test' in out.stdout
     assert f'pip install -e ".[{extra}]"' in out.stdout
+
+
+def test_torch_floor_is_stated_and_checked():
+    """setup.py states the oldest torch the code runs on, and an older one fails clearly."""
+    import re
+
+    from mlla_mm.utils import MIN_TORCH, check_torch_version
+
+    setup = (Path(__file__).parents[1] / 'setup.py').read_text()
+    floor = re.search(r"'torch>=([\d.]+)'", setup).group(1)
+    assert tuple(int(p) for p in floor.split('.')) == MIN_TORCH == (2, 3)
+    assert hasattr(torch.compiler, 'is_compiling')  # the API that sets the floor
+    with pytest.raises(ImportError, match=r'needs torch >= 2.3.*found torch 2.2.1'):
+        check_torch_version('2.2.1+cpu')
+    check_torch_version('2.3.0')
+    check_torch_version(torch.__version__)

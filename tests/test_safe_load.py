@@ -147,3 +147,45 @@ def test_safety_switches_are_not_flipped():
         if not isinstance(g, tuple)
     }
     assert 'posix.system' not in allowed and 'builtins.eval' not in allowed
+
+
+def test_empty_numpy_arrays_and_history_buffers_load(tmp_path):
+    """torch.save's protocol 2 writes the empty data of an empty array as ``bytes()``."""
+    from mmengine.logging import HistoryBuffer, MessageHub
+
+    hub = MessageHub.get_instance('empty_buffers')
+    hub.update_scalar('train/loss', 1.0)
+    state = hub.state_dict()
+    state['log_scalars']['val/never_logged'] = HistoryBuffer()  # an empty buffer
+    ckpt = {
+        'state_dict': {'w': torch.ones(2)},
+        'message_hub': state,
+        'meta': {'empty': np.array([]), 'empty_int': np.zeros((0, 3), dtype=np.int64)},
+    }
+    path = tmp_path / 'empty.pth'
+    torch.save(ckpt, path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded['meta']['empty'].shape == (0,)
+    assert loaded['meta']['empty_int'].shape == (0, 3)
+    assert loaded['meta']['empty_int'].dtype == np.int64
+    assert len(loaded['message_hub']['log_scalars']['val/never_logged'].data[0]) == 0
+    load_checkpoint(nn.Linear(2, 2), str(path))  # mmengine's loader too (w is unexpected)
+
+
+def test_pickled_bytes_only_makes_empty_bytes(tmp_path):
+    marker = tmp_path / 'pwned'
+
+    class Huge:
+        def __reduce__(self):
+            return (bytes, (10**6,))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f'touch {marker}',))
+
+    for payload in (Huge(), Evil()):
+        path = tmp_path / 'bytes.pth'
+        torch.save({'state_dict': {}, 'meta': payload}, path)
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(path)
+    assert not marker.exists()

@@ -27,8 +27,8 @@ with the same parameter names, so the official checkpoints load unchanged:
 from __future__ import annotations
 
 import contextlib
-import os
-import zipfile
+import threading
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -37,12 +37,13 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
-from mmengine.model.weight_init import trunc_normal_
+from mmengine.model.weight_init import PretrainedInit, trunc_normal_
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mlla_mm.registry import MODELS
+from mlla_mm.safe_load import check_checkpoint_file
 
-__all__ = ['MLLA', 'rope_tables', 'convert_official_state_dict']
+__all__ = ['MLLA', 'checkpoint_arch', 'convert_official_state_dict', 'rope_tables']
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,6 +80,27 @@ def _rope_angles(h: int, w: int, dim: int, base: float, device, dtype) -> tuple:
 
 
 _ROPE_CACHE: dict = {}
+_CACHE_LOCK = threading.Lock()
+_CACHE_SIZE = 256
+
+
+def _cached(cache: dict, key: tuple, make) -> tuple | torch.Tensor:
+    """``cache[key]``, made by ``make()`` on a miss.
+
+    Tables are made outside inference mode and without autograd, so that a table first made
+    under ``torch.inference_mode()`` is an ordinary tensor that a later autograd forward may save
+    for backward. Writes are locked (several threads may run models at once); a full cache is
+    emptied rather than grown.
+    """
+    table = cache.get(key)
+    if table is None:
+        with torch.inference_mode(False), torch.no_grad():
+            table = make()
+        with _CACHE_LOCK:
+            if len(cache) >= _CACHE_SIZE:
+                cache.clear()
+            cache[key] = table
+    return table
 
 
 def rope_tables(h: int, w: int, dim: int, device, dtype, base: float = 10000.0) -> tuple:
@@ -94,12 +116,7 @@ def rope_tables(h: int, w: int, dim: int, device, dtype, base: float = 10000.0) 
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return _rope_angles(h, w, dim, base, device, dtype)  # traced into the graph, not cached
     key = (h, w, dim, base, torch.device(device), dtype)
-    tables = _ROPE_CACHE.get(key)
-    if tables is None:
-        if len(_ROPE_CACHE) > 256:
-            _ROPE_CACHE.clear()
-        tables = _ROPE_CACHE[key] = _rope_angles(h, w, dim, base, device, dtype)
-    return tables
+    return _cached(_ROPE_CACHE, key, lambda: _rope_angles(h, w, dim, base, device, dtype))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -122,20 +139,17 @@ def rope_pair_tables(h: int, w: int, dim: int, device, dtype) -> tuple:
     Returns:
         tuple[Tensor, Tensor]: ``cos2`` and ``sin2``, each of shape (h, w, dim).
     """
-    caching = not (torch.compiler.is_compiling() or torch.jit.is_tracing())
-    key = (h, w, dim, torch.device(device), dtype)
-    tables = _ROPE_PAIR_CACHE.get(key) if caching else None
-    if tables is None:
+
+    def make() -> tuple:
         cos, sin = rope_tables(h, w, dim, device, dtype)
-        tables = (
+        return (
             torch.stack([cos, cos], dim=-1).flatten(-2),
             torch.stack([-sin, sin], dim=-1).flatten(-2),
         )
-        if caching:
-            if len(_ROPE_PAIR_CACHE) > 256:
-                _ROPE_PAIR_CACHE.clear()
-            _ROPE_PAIR_CACHE[key] = tables
-    return tables
+
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return make()  # traced into the graph, not cached
+    return _cached(_ROPE_PAIR_CACHE, (h, w, dim, torch.device(device), dtype), make)
 
 
 def swap_pairs(x: torch.Tensor) -> torch.Tensor:
@@ -168,15 +182,12 @@ def rope_complex_table(h: int, w: int, dim: int, device, dtype) -> torch.Tensor:
     Returns:
         Tensor: Complex, of shape (h * w, 1, dim // 2) (broadcasting over the q/k axis).
     """
-    key = (h, w, dim, torch.device(device), dtype)
-    table = _ROPE_COMPLEX_CACHE.get(key)
-    if table is None:
+
+    def make() -> torch.Tensor:
         cos, sin = rope_tables(h, w, dim, device, dtype)
-        table = torch.complex(cos, sin).reshape(h * w, 1, dim // 2)
-        if len(_ROPE_COMPLEX_CACHE) > 256:
-            _ROPE_COMPLEX_CACHE.clear()
-        _ROPE_COMPLEX_CACHE[key] = table
-    return table
+        return torch.complex(cos, sin).reshape(h * w, 1, dim // 2)
+
+    return _cached(_ROPE_COMPLEX_CACHE, (h, w, dim, torch.device(device), dtype), make)
 
 
 def rope_rotate(qk: torch.Tensor, h: int, w: int, inplace: bool = False) -> torch.Tensor:
@@ -217,13 +228,14 @@ def dwconv_nhwc(x: torch.Tensor, conv: nn.Conv2d, residual: bool = False) -> tor
             one (exact in real arithmetic; the gradient w.r.t. ``conv.weight`` is unchanged),
             which saves the separate addition pass.
     """
-    weight = conv.weight
+    weight, bias = conv.weight, conv.bias
+    if weight.dtype != x.dtype:  # LePE of a half/bf16 model runs in float32, as under autocast
+        weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
     if residual:
         weight = weight + _identity_taps(conv)
     out = F.conv2d(
-        x.permute(0, 3, 1, 2), weight, conv.bias, conv.stride, conv.padding, conv.dilation,
-        conv.groups,
-    )  # fmt: skip
+        x.permute(0, 3, 1, 2), weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups
+    )
     return out.permute(0, 2, 3, 1)
 
 
@@ -347,25 +359,6 @@ def checkpoint(fn, x: torch.Tensor) -> torch.Tensor:
     a training step updates them once, as without checkpointing."""
     contexts = lambda: (contextlib.nullcontext(), _Recomputing())  # noqa: E731
     return cp.checkpoint(fn, x, use_reentrant=False, context_fn=contexts)
-
-
-def _check_checkpoint_file(path) -> None:
-    """Fail early and clearly on a missing file or one that is not a PyTorch checkpoint."""
-    if not isinstance(path, (str, os.PathLike)) or '://' in str(path):
-        return  # remote or exotic sources are left to mmengine's loaders
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f'Pretrained checkpoint {str(path)!r} does not exist; set '
-            "init_cfg=dict(type='Pretrained', checkpoint=...) to an existing .pth file"
-        )
-    with open(path, 'rb') as f:
-        head = f.read(2)
-    if not (zipfile.is_zipfile(path) or head[:1] == b'\x80'):  # torch.save zip or legacy pickle
-        raise ValueError(
-            f'{str(path)!r} is not a PyTorch checkpoint (neither a torch.save zip archive nor a '
-            'pickle). Pass an official MLLA .pth, a file written by mmengine, or one converted '
-            'with tools/model_converters/mlla2mm.py.'
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -866,8 +859,15 @@ class MLLA(BaseModule):
             (saves most activation memory, costs a recomputation).
         checkpoint_key: Entry of an official ImageNet checkpoint to load the weights from:
             ``'model'``, or the EMA weights (``'model_ema'``/``'state_dict_ema'``) on request.
-        init_cfg: mmengine init config, e.g. ``dict(type='Pretrained', checkpoint=PATH)`` with an
-            official MLLA ImageNet or downstream checkpoint, or this package's own.
+        map_cls_norm: Load the final ``norm`` of an official ImageNet classifier into ``norm3``
+            (what gives the official logits in classification). With False it is left out
+            (reported as unexpected) and ``norm3`` keeps its initialisation, as in the official
+            detection and segmentation code, which loads the classifier with ``strict=False``.
+        init_cfg: mmengine init config (a dict or a list of dicts, any initialiser), e.g.
+            ``dict(type='Pretrained', checkpoint=PATH)`` with an official MLLA ImageNet or
+            downstream checkpoint, or this package's own.
+        pretrained: Deprecated (mmseg's segmentor-level ``pretrained=`` lands here): a
+            checkpoint path, the same as ``init_cfg=dict(type='Pretrained', checkpoint=PATH)``.
 
     Shapes:
         Input (B, in_channels, H, W) of any H, W >= the largest output stride; outputs a tuple of
@@ -899,10 +899,30 @@ class MLLA(BaseModule):
         norm_eval: bool = False,
         with_cp: bool = False,
         checkpoint_key: str = 'model',
+        map_cls_norm: bool = True,
         init_cfg: dict | list | None = None,
+        pretrained: str | None = None,
     ) -> None:
+        if pretrained is not None:
+            if init_cfg is not None:
+                raise ValueError(
+                    'MLLA got both pretrained= and init_cfg=; pretrained= is deprecated: set only '
+                    "init_cfg=dict(type='Pretrained', checkpoint=...)"
+                )
+            if not isinstance(pretrained, str):
+                raise TypeError(
+                    f'pretrained must be a checkpoint path, got {type(pretrained).__name__}'
+                )
+            warnings.warn(
+                'MLLA: pretrained= is deprecated, use '
+                f"init_cfg=dict(type='Pretrained', checkpoint={pretrained!r}) instead",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            init_cfg = dict(type='Pretrained', checkpoint=pretrained)
         super().__init__(init_cfg=init_cfg)
         self.checkpoint_key = checkpoint_key
+        self.map_cls_norm = map_cls_norm
         self.arch = self._parse_arch(arch)
         embed_dims, depths, num_heads = (
             self.arch[k] for k in ('embed_dims', 'depths', 'num_heads')
@@ -967,22 +987,28 @@ class MLLA(BaseModule):
 
     # ----------------------------------------------------------------------------------------
     def init_weights(self) -> None:
-        """Official init (truncated normal Linear, unit LayerNorm), then ``init_cfg``."""
-        pretrained = isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained'
-        if not pretrained:
-            for m in self.modules():
-                if isinstance(m, nn.Linear):
-                    trunc_normal_(m.weight, std=0.02)
-                    if m.bias is not None:
-                        nn.init.zeros_(m.bias)
-                elif isinstance(m, nn.LayerNorm):
-                    nn.init.ones_(m.weight)
+        """The official initialisation, then ``init_cfg`` as mmengine's ``BaseModule`` does.
+
+        Linear layers get a truncated normal (std 0.02) and zero bias, LayerNorms 1/0; then every
+        entry of ``init_cfg`` (a dict or a list, any mmengine initialiser) is applied, pretrained
+        weights last. A ``Pretrained`` entry whose file is missing, corrupt or not a checkpoint
+        fails before anything is loaded.
+        """
+        if self.is_init:
+            return super().init_weights()  # mmengine warns that it ran before, and does nothing
+        cfgs = self.init_cfg if isinstance(self.init_cfg, list) else [self.init_cfg]
+        for cfg in cfgs:
+            if isinstance(cfg, dict) and cfg.get('type') in ('Pretrained', PretrainedInit):
+                check_checkpoint_file(cfg.get('checkpoint'), what='Pretrained checkpoint')
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            self._is_init = True
-        if pretrained:
-            _check_checkpoint_file(self.init_cfg.get('checkpoint'))
-        if self.init_cfg is not None:
-            super().init_weights()
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        super().init_weights()
 
     def _load_hook(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         """Accept official checkpoints unchanged (see :func:`convert_official_state_dict`).
@@ -1008,24 +1034,55 @@ class MLLA(BaseModule):
             if nested:
                 print_log(f'{type(self).__name__}: loading the backbone.* part of a whole model')
                 own = {prefix + k[len(prefix) + len('backbone.') :]: v for k, v in nested.items()}
+        out_indices = self.out_indices if self.map_cls_norm else ()
         converted = convert_official_state_dict(
-            {k[len(prefix) :]: v for k, v in own.items()}, out_indices=self.out_indices
+            {k[len(prefix) :]: v for k, v in own.items()}, out_indices=out_indices
         )
         for key in [k for k in state_dict if k.startswith(prefix)]:
             del state_dict[key]
         state_dict.update({prefix + k: v for k, v in converted.items()})
-        self._check_shapes(converted)
+        self.check_fits(converted)
 
-    def _check_shapes(self, state_dict: dict) -> None:
+    def check_fits(self, state_dict: dict) -> None:
+        """Raise if backbone weights (``patch_embed.*``, ``layers.*`` keys) are of another model.
+
+        Checked: every tensor's shape, and that the checkpoint has exactly this model's blocks
+        (MLLA-T and MLLA-S have the same widths, so only the block count tells them apart).
+        Tolerated, as mmengine reports them: keys outside the backbone (a classifier head),
+        output norms that one of the two lacks, and a checkpoint without any backbone weights.
+
+        Raises:
+            ValueError: Naming the first mismatching tensor, or the extra and missing blocks,
+                and the ``arch`` that fits the checkpoint.
+        """
+        found = checkpoint_arch(state_dict)
+        if found is None:
+            return
         expected = self.state_dict()
+        ours = f'embed_dims={self.embed_dims}, depths={self.depths}'
         for key, value in state_dict.items():
             if key in expected and tuple(value.shape) != tuple(expected[key].shape):
                 raise ValueError(
-                    f'Checkpoint does not fit this MLLA (embed_dims={self.embed_dims}, '
-                    f'depths={self.depths}, num_heads={self.num_heads}): {key!r} has shape '
-                    f'{tuple(value.shape)}, expected {tuple(expected[key].shape)}. Is it a '
-                    'checkpoint of another variant? Set `arch` to match it.'
+                    f'Checkpoint does not fit this MLLA ({ours}): {key!r} has shape '
+                    f'{tuple(value.shape)}, expected {tuple(expected[key].shape)}. It is a '
+                    f'checkpoint of another variant: set arch={_arch_hint(found)}'
                 )
+        have = {_block_of(k) for k in state_dict} - {None}
+        ours_blocks = {_block_of(k) for k in expected} - {None}
+        extra, missing = sorted(have - ours_blocks), sorted(ours_blocks - have)
+        if extra or missing:
+
+            def show(b: list) -> str:
+                return ', '.join(f'layers.{i}.blocks.{j}' for i, j in b[:6]) + (
+                    ' ...' if len(b) > 6 else ''
+                )
+
+            raise ValueError(
+                f'Checkpoint does not fit this MLLA ({ours}): it has depths {found["depths"]}'
+                + (f'; extra blocks: {show(extra)}' if extra else '')
+                + (f'; missing blocks: {show(missing)}' if missing else '')
+                + f'. It is a checkpoint of another variant: set arch={_arch_hint(found)}'
+            )
 
     # ----------------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
@@ -1052,6 +1109,9 @@ class MLLA(BaseModule):
         """(B, C_in, H, W) -> tuple of NCHW features, one per index in ``out_indices``."""
         if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
             self._check_input(x)
+        weight = self.patch_embed.conv1.conv.weight
+        if x.dtype != weight.dtype and x.is_floating_point() and not _autocast(x.device.type):
+            x = x.to(weight.dtype)  # a half/bf16 model (model.half()) fed float32 images
         x = self._maybe_checkpoint(self.patch_embed, x)
         outs = []
         for i, stage in enumerate(self.layers):
@@ -1125,6 +1185,55 @@ class MLLA(BaseModule):
 # --------------------------------------------------------------------------------------------
 # Checkpoint filter
 # --------------------------------------------------------------------------------------------
+def _block_of(key: str) -> tuple[int, int] | None:
+    """``(stage, block)`` of a ``layers.{i}.blocks.{j}.*`` key, else None."""
+    parts = key.split('.')
+    if len(parts) > 3 and parts[0] == 'layers' and parts[2] == 'blocks':
+        return int(parts[1]), int(parts[3])
+    return None
+
+
+def checkpoint_arch(state_dict: dict) -> dict | None:
+    """The ``embed_dims``, ``depths`` and ``mlp_ratio`` of MLLA backbone weights (this package's
+    or the official key layout), read from the tensors; None if there are no backbone weights.
+
+    ``num_heads`` changes no tensor shape, so it cannot be read from weights.
+    """
+    stem = state_dict.get('patch_embed.conv3.1.conv.weight')
+    if stem is None:
+        return None
+    depths = [0] * MLLA.num_stages
+    for key in state_dict:
+        block = _block_of(key)
+        if block is not None and block[0] < MLLA.num_stages:
+            depths[block[0]] = max(depths[block[0]], block[1] + 1)
+    fc1 = state_dict.get('layers.0.blocks.0.mlp.fc1.weight')
+    ratio = fc1.shape[0] / fc1.shape[1] if fc1 is not None else 4.0
+    return dict(embed_dims=int(stem.shape[0]), depths=tuple(depths), mlp_ratio=ratio)
+
+
+def official_arch_name(found: dict) -> str | None:
+    """The official variant (``'tiny'``, ``'small'``, ``'base'``) with these widths and depths."""
+    for name in ('tiny', 'small', 'base'):
+        arch = MLLA.arch_zoo[name]
+        if (
+            arch['embed_dims'] == found['embed_dims']
+            and tuple(arch['depths']) == tuple(found['depths'])
+            and found.get('mlp_ratio', 4.0) == 4.0
+        ):
+            return name
+    return None
+
+
+def _arch_hint(found: dict) -> str:
+    name = official_arch_name(found)
+    if name is not None:
+        return repr(name)
+    return f'dict(embed_dims={found["embed_dims"]}, depths={found["depths"]}, num_heads=...)' + (
+        f' and mlp_ratio={found["mlp_ratio"]:g}' if found.get('mlp_ratio', 4.0) != 4.0 else ''
+    )
+
+
 def convert_official_state_dict(
     state_dict: dict, out_indices: Sequence[int] = (0, 1, 2, 3)
 ) -> dict:

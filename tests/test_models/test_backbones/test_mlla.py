@@ -436,7 +436,7 @@ def test_checkpoint_of_another_variant_is_rejected(layouts, tmp_path):
     path = tmp_path / 'base.pth'
     torch.save({'model': fake_official_state_dict(layouts['cls_base'])}, path)
     model = MLLA(arch='tiny', init_cfg=dict(type='Pretrained', checkpoint=str(path)))
-    with pytest.raises(ValueError, match=r'another variant.*Set `arch`'):
+    with pytest.raises(ValueError, match=r"another variant: set arch='base'"):
         model.init_weights()
 
 
