@@ -3,31 +3,28 @@
 Paper: "Demystify Mamba in Vision: A Linear Attention Perspective", Dongchen Han et al.,
 NeurIPS 2024, https://arxiv.org/abs/2405.16605. Official code (MIT licence):
 https://github.com/LeapLabTHU/MLLA. This is an independent implementation of the same equations
-with the same parameter names, so the official checkpoints load unchanged:
+with the same parameter names, so the official checkpoints load unchanged.
 
-* any input size (padding as the official downstream code does), with RoPE computed for the actual
-  token grid and cached per (height, width, channels, device, dtype), never stored in the state
-  dict; eager float32/64 rotates with one complex product, tracing, ``torch.compile`` and half
-  precision with real arithmetic (ONNX-friendly);
-* tokens stay channels-last (B, H, W, C) through a stage; depthwise convs see a channels-last NCHW
-  view and the 1x1 convs of the stem and patch merging run as token GEMMs, so no permute copies;
-  the attention heads are a batch dimension of strided views (one batched GEMM per product);
-* ``ELU(x) + 1`` as ``exp(min(x, 0)) + max(x, 0)`` (ATen's ELU runs a scalar ``expm1``);
-* inference only (no autograd): BatchNorm folded into the convs, oneDNN linear and conv kernels
-  with the bias and activation in their epilogue, in-place activations, RoPE and residual
-  products, and the MLP, the patch merging and the stem's stride-2 conv run over chunks so their
-  wide hidden tensors never exist whole. In training the MLP runs over chunks of tokens too.
-  With autograd the same equations run out of place; the tests hold every path to the plain
-  transcription (:mod:`mlla_mm.testing`);
-* the linear-attention normaliser and KV product run in float32 under autocast;
-* OpenMMLab backbone arguments: ``out_indices``, ``frozen_stages``, ``norm_eval``, ``with_cp``,
-  ``init_cfg`` and ``get_layer_depth`` for layer-wise learning-rate decay.
+The file reads top to bottom as the paper's model: the convolutional stem, the patch merging,
+the MLLA block (CPE, the Mamba-like gated linear attention, CPE, MLP), the linear attention with
+RoPE and LePE, the stages and the backbone, then the checkpoint filter. Tokens stay
+channels-last (B, H, W, C) through a stage. Any input size works (padding as the official
+downstream code does); RoPE is computed for the actual token grid and cached, never stored in the
+state dict.
+
+How each step runs fast (fused oneDNN kernels in float32 or bf16, in-place and chunked
+inference, complex RoPE, ``ELU + 1`` without ``expm1``, the chunked training MLP) is not written
+here: the layers call the primitives and layer strategies of
+:mod:`mlla_mm.models.backbones.mlla_ops` (imported as ``ops``), which choose per call and give
+the plain operation's result. The tests hold every path to the plain transcription
+(:mod:`mlla_mm.testing`). OpenMMLab backbone arguments: ``out_indices``, ``frozen_stages``,
+``norm_eval``, ``with_cp``, ``init_cfg`` and ``get_layer_depth`` for layer-wise learning-rate
+decay.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 import warnings
 from collections.abc import Sequence
 
@@ -42,6 +39,19 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mlla_mm.registry import MODELS
 from mlla_mm.safe_load import check_checkpoint_file
+
+from . import mlla_ops as ops
+from .mlla_ops import (  # noqa: F401  (the RoPE caches and helpers, re-exported)
+    _ROPE_CACHE,
+    _ROPE_COMPLEX_CACHE,
+    _ROPE_PAIR_CACHE,
+    _tracing,
+    apply_rope,
+    dwconv_nhwc,
+    elu_plus_one,
+    rope_rotate,
+    rope_tables,
+)
 
 __all__ = ['MLLA', 'checkpoint_arch', 'convert_official_state_dict', 'rope_tables']
 
@@ -70,275 +80,8 @@ class DropPath(nn.Module):
         return f'p={self.p}'
 
 
-def _rope_angles(h: int, w: int, dim: int, base: float, device, dtype) -> tuple:
-    k_max = dim // 4
-    theta = 1.0 / (base ** (torch.arange(k_max, device=device, dtype=torch.float32) / k_max))
-    rows = torch.arange(h, device=device, dtype=torch.float32)[:, None, None] * theta
-    cols = torch.arange(w, device=device, dtype=torch.float32)[None, :, None] * theta
-    angles = torch.cat([rows.expand(h, w, k_max), cols.expand(h, w, k_max)], dim=-1)
-    return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
-
-
-_ROPE_CACHE: dict = {}
-_CACHE_LOCK = threading.Lock()
-_CACHE_SIZE = 256
-
-
-def _cached(cache: dict, key: tuple, make) -> tuple | torch.Tensor:
-    """``cache[key]``, made by ``make()`` on a miss.
-
-    Tables are made outside inference mode and without autograd, so that a table first made
-    under ``torch.inference_mode()`` is an ordinary tensor that a later autograd forward may save
-    for backward. Writes are locked (several threads may run models at once); a full cache is
-    emptied rather than grown.
-    """
-    table = cache.get(key)
-    if table is None:
-        with torch.inference_mode(False), torch.no_grad():
-            table = make()
-        with _CACHE_LOCK:
-            if len(cache) >= _CACHE_SIZE:
-                cache.clear()
-            cache[key] = table
-    return table
-
-
-def rope_tables(h: int, w: int, dim: int, device, dtype, base: float = 10000.0) -> tuple:
-    """Cosine and sine tables of the 2-D RoPE over an ``h x w`` token grid.
-
-    Channel pair ``p`` (channels ``2p, 2p+1``) is rotated by ``row * theta_p`` for the first
-    ``dim // 4`` pairs and by ``col * theta_{p - dim // 4}`` for the rest, with
-    ``theta_k = base ** (-k / (dim // 4))``, as in the official code.
-
-    Returns:
-        tuple[Tensor, Tensor]: ``cos`` and ``sin``, each of shape (h, w, dim // 2).
-    """
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return _rope_angles(h, w, dim, base, device, dtype)  # traced into the graph, not cached
-    key = (h, w, dim, base, torch.device(device), dtype)
-    return _cached(_ROPE_CACHE, key, lambda: _rope_angles(h, w, dim, base, device, dtype))
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs of ``x`` (..., H, W, C) by the angles whose cos/sin are given."""
-    x = x.unflatten(-1, (-1, 2))
-    x_re, x_im = x[..., 0], x[..., 1]
-    return torch.stack([x_re * cos - x_im * sin, x_im * cos + x_re * sin], dim=-1).flatten(-2)
-
-
-_ROPE_PAIR_CACHE: dict = {}
-
-
-def rope_pair_tables(h: int, w: int, dim: int, device, dtype) -> tuple:
-    """RoPE tables laid out per channel: ``rope(x) = x * cos2 + swap_pairs(x) * sin2``.
-
-    ``cos2[..., 2p] = cos2[..., 2p + 1] = cos_p`` and ``sin2[..., 2p] = -sin_p``,
-    ``sin2[..., 2p + 1] = sin_p``: the same rotation as :func:`apply_rope` in three full-width
-    element-wise passes instead of eight half-width ones. Cached like :func:`rope_tables`.
-
-    Returns:
-        tuple[Tensor, Tensor]: ``cos2`` and ``sin2``, each of shape (h, w, dim).
-    """
-
-    def make() -> tuple:
-        cos, sin = rope_tables(h, w, dim, device, dtype)
-        return (
-            torch.stack([cos, cos], dim=-1).flatten(-2),
-            torch.stack([-sin, sin], dim=-1).flatten(-2),
-        )
-
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return make()  # traced into the graph, not cached
-    return _cached(_ROPE_PAIR_CACHE, (h, w, dim, torch.device(device), dtype), make)
-
-
-def swap_pairs(x: torch.Tensor) -> torch.Tensor:
-    """``(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...)`` along the last dimension (a copy)."""
-    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-
-
-_ROPE_COMPLEX_CACHE: dict = {}
-
-
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-
-
 def _autocast(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4
-        cpu = device_type == 'cpu'
-        return torch.is_autocast_cpu_enabled() if cpu else torch.is_autocast_enabled()
-
-
-def rope_complex_table(h: int, w: int, dim: int, device, dtype) -> torch.Tensor:
-    """``exp(i * angle)`` of every RoPE channel pair over an ``h x w`` grid, as a complex tensor.
-
-    Multiplying the complex view of ``x`` (pairs ``(x_2p, x_2p+1)`` as ``x_2p + i x_2p+1``) by it
-    is :func:`apply_rope` in one element-wise pass that can run in place. Cached like
-    :func:`rope_tables`; ``dtype`` is the real dtype (float32 or float64).
-
-    Returns:
-        Tensor: Complex, of shape (h * w, 1, dim // 2) (broadcasting over the q/k axis).
-    """
-
-    def make() -> torch.Tensor:
-        cos, sin = rope_tables(h, w, dim, device, dtype)
-        return torch.complex(cos, sin).reshape(h * w, 1, dim // 2)
-
-    return _cached(_ROPE_COMPLEX_CACHE, (h, w, dim, torch.device(device), dtype), make)
-
-
-def rope_rotate(qk: torch.Tensor, h: int, w: int, inplace: bool = False) -> torch.Tensor:
-    """RoPE of q and k together: ``qk`` is (B, h * w, 2, C), the result has the same shape.
-
-    float32/float64 tensors in eager mode take the complex product with
-    :func:`rope_complex_table` (one pass, in place when ``inplace``); half precision, tracing and
-    ``torch.compile`` take the real formulation with :func:`rope_pair_tables`.
-    """
-    c = qk.shape[-1]
-    if qk.dtype in (torch.float32, torch.float64) and not _tracing():
-        table = rope_complex_table(h, w, c, qk.device, qk.dtype)
-        pairs = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))
-        return torch.view_as_real(pairs.mul_(table) if inplace else pairs * table).flatten(-2)
-    cos2, sin2 = rope_pair_tables(h, w, c, qk.device, qk.dtype)
-    cos2, sin2 = cos2.reshape(h * w, 1, c), sin2.reshape(h * w, 1, c)
-    return (qk * cos2).addcmul_(swap_pairs(qk), sin2)
-
-
-def _identity_taps(conv: nn.Conv2d) -> torch.Tensor:
-    """A depthwise kernel that is the identity: 1 at the centre tap, 0 elsewhere."""
-    kh, kw = conv.kernel_size
-    eye = conv.weight.new_zeros(conv.weight.shape)
-    eye[:, :, kh // 2, kw // 2] = 1.0
-    return eye
-
-
-def dwconv_nhwc(x: torch.Tensor, conv: nn.Conv2d, residual: bool = False) -> torch.Tensor:
-    """Apply a (depthwise) conv to channels-last tokens (B, H, W, C) without copies.
-
-    The conv sees the NCHW view of the NHWC tensor (channels-last memory format), so oneDNN
-    runs its channels-last kernel and the result, permuted back, is a contiguous (B, H, W, C).
-
-    Args:
-        x: Tokens (B, H, W, C).
-        conv: A stride-1, same-padding depthwise conv when ``residual`` is set.
-        residual: Return ``x + conv(x)`` computed as one conv whose centre tap is increased by
-            one (exact in real arithmetic; the gradient w.r.t. ``conv.weight`` is unchanged),
-            which saves the separate addition pass.
-    """
-    weight, bias = conv.weight, conv.bias
-    if weight.dtype != x.dtype:  # LePE of a half/bf16 model runs in float32, as under autocast
-        weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
-    if residual:
-        weight = weight + _identity_taps(conv)
-    out = F.conv2d(
-        x.permute(0, 3, 1, 2), weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups
-    )
-    return out.permute(0, 2, 3, 1)
-
-
-_ONEDNN_ACTS = {None: 'none', 'relu': 'relu', 'gelu': 'gelu', 'silu': 'swish'}
-_HAS_ONEDNN_FUSION = all(
-    hasattr(torch.ops.mkldnn, op)
-    for op in ('_linear_pointwise', '_convolution_pointwise', '_convolution_pointwise_')
-)
-
-
-def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether oneDNN's fused linear/conv kernels may run: CPU float32 without autograd,
-    autocast or tracing (the bias, activation or residual addition in the kernel's epilogue)."""
-    return (
-        _HAS_ONEDNN_FUSION
-        and not torch.is_grad_enabled()
-        and x.device.type == 'cpu'
-        and x.dtype == weight.dtype == torch.float32
-        and not _autocast('cpu')
-        and not _tracing()
-        and torch.backends.mkldnn.is_available()
-    )
-
-
-def linear_act(x: torch.Tensor, linear: nn.Linear | tuple, act: str | None = None) -> torch.Tensor:
-    """``act(linear(x))`` for ``act`` in None/relu/gelu (exact)/silu.
-
-    Without autograd on CPU float32 it is one oneDNN GEMM with the bias and the activation in its
-    epilogue (no separate bias and activation passes over the output); otherwise the module is
-    called (its hooks run) and the activation follows, in place when there is no autograd.
-
-    Args:
-        x: Input (..., C_in).
-        linear: An ``nn.Linear``, or a ``(weight, bias)`` pair.
-        act: Activation name or None.
-    """
-    weight, bias = (linear.weight, linear.bias) if isinstance(linear, nn.Module) else linear
-    if _onednn_ok(x, weight):
-        algorithm = 'none' if act == 'gelu' else ''
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, _ONEDNN_ACTS[act], [], algorithm)
-    y = linear(x) if isinstance(linear, nn.Module) else F.linear(x, weight, bias)
-    inplace = not torch.is_grad_enabled()
-    if act == 'relu':  # in place with autograd too: ReLU's backward reads its output only
-        return F.relu(y, inplace=True)
-    if act == 'silu':
-        return F.silu(y, inplace=inplace)
-    if act == 'gelu':
-        return torch.ops.aten.gelu_(y) if inplace else F.gelu(y)
-    return y
-
-
-def _linear_residual(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
-    """``residual + linear(x)``; without autograd the product accumulates into ``residual``."""
-    if (
-        torch.is_grad_enabled()
-        or _tracing()  # an in-place add into a view is recorded wrongly by the JIT tracer
-        or not (residual.dtype == x.dtype == linear.weight.dtype)
-        or not residual.is_contiguous()
-    ):
-        return residual + linear(x)
-    out = residual.view(-1, residual.shape[-1])
-    out.addmm_(x.reshape(-1, x.shape[-1]), linear.weight.t())
-    if linear.bias is not None:
-        out.add_(linear.bias)
-    return residual
-
-
-class _EluPlusOne(torch.autograd.Function):
-    """``ELU(x) + 1`` computed as ``exp(min(x, 0)) + max(x, 0)``, keeping only the output.
-
-    The derivative is ``min(y, 1)`` of the output ``y`` (``exp(x) = y`` below zero, 1 above).
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.clamp_max(x, 0.0).exp_().add_(torch.clamp_min(x, 0.0))
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return grad * torch.clamp_max(y, 1.0)
-
-
-def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
-    """``ELU(x) + 1``, the positive feature map of q and k.
-
-    ATen's ELU evaluates ``expm1`` element by element (about ten times slower than its vectorised
-    ``exp`` on this CPU), so it is computed as ``exp(min(x, 0)) + max(x, 0)``: the same value above
-    zero, and within an ulp of 1 below it. Without autograd ``x`` (contiguous) is overwritten
-    with the result, chunk by cache-sized chunk; tracing and export keep the ELU operator.
-    """
-    if _tracing():
-        return F.elu(x) + 1.0
-    if torch.is_grad_enabled() or not x.is_contiguous():
-        return _EluPlusOne.apply(x)
-    flat, step = x.view(-1), 2**18  # 1 MB chunks: the temporary stays in the L2 cache
-    for start in range(0, flat.numel(), step):
-        chunk = flat[start : start + step]
-        negative = torch.clamp_max(chunk, 0.0).exp_()  # before the chunk is overwritten
-        chunk.clamp_min_(0.0).add_(negative)
-    return x
+    return ops._autocast_dtype(device_type) is not None
 
 
 class _Recomputing:
@@ -364,17 +107,6 @@ def checkpoint(fn, x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------
-# The MLP (inference and training), the patch merging and the stem's stride-2 conv (inference)
-# run over chunks of tokens / bands of rows, so that their 4x / 8x-wide hidden tensors hold at
-# most this many elements (16 MB in float32) at a time.
-CHUNK_ELEMENTS = 2**22
-
-
-def _rows_per_chunk(elements_per_row: int) -> int:
-    """How many rows (tokens, or rows of a feature map) keep a chunk within CHUNK_ELEMENTS."""
-    return max(1, CHUNK_ELEMENTS // elements_per_row)
-
-
 class ConvLayer(nn.Module):
     """Conv2d -> optional BatchNorm -> optional ReLU; BatchNorm is folded in at inference."""
 
@@ -403,27 +135,18 @@ class ConvLayer(nn.Module):
             x = self._batch_norm(self.conv(x))
             return x if self.act is None else F.relu(x, inplace=True)  # backward reads the result
         weight, bias = self._folded()
-        conv = self.conv
-        padding = conv.padding if padding is None else padding
-        if _onednn_ok(x, weight):  # one kernel with the bias and ReLU in its epilogue
-            act = 'relu' if self.act is not None else 'none'
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, weight, bias, padding, conv.stride, conv.dilation, conv.groups, act, [], ''
-            )
-        x = F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
-        return x if self.act is None else F.relu(x, inplace=True)
+        c = self.conv
+        padding = c.padding if padding is None else padding
+        act = 'relu' if self.act is not None else None
+        return ops.conv(x, weight, bias, c.stride, padding, c.dilation, c.groups, act)
 
     def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``residual + self(x)``; without autograd on CPU the conv accumulates into it."""
-        conv = self.conv
-        if self.act is None and not self.norm_training and _onednn_ok(x, conv.weight):
-            weight, bias = self._folded()
-            return torch.ops.mkldnn._convolution_pointwise_.binary(
-                residual, x, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups,
-                'add', 1.0, None, [], None,
-            )  # fmt: skip
-        y = self(x)
-        return y.add_(residual) if not torch.is_grad_enabled() else y + residual
+        """``residual + self(x)`` (no activation); at inference the conv accumulates into it."""
+        if self.act is not None or self.norm_training:
+            return residual + self(x)
+        weight, bias = self._folded()
+        c = self.conv
+        return ops.add_conv(residual, x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
 
     @property
     def norm_training(self) -> bool:
@@ -466,7 +189,7 @@ class ConvLayer(nn.Module):
         act = 'relu' if self.act is not None else None
         if not self.norm_training:
             weight, bias = self._folded()
-            return linear_act(x, (weight.flatten(1), bias), act)
+            return ops.linear(x, weight.flatten(1), bias, act)
         x = F.linear(x, self.conv.weight.flatten(1), self.conv.bias)
         x = self._batch_norm(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return x if act is None else F.relu(x, inplace=True)
@@ -499,31 +222,11 @@ class Stem(nn.Module):
             x = F.pad(x, (0, (w + 3) // 4 * 4 - w, 0, (h + 3) // 4 * 4 - h))
         # channels-last convs: oneDNN's fastest path, and the NHWC tokens come out copy-free
         x = self.conv1(x.contiguous(memory_format=torch.channels_last))
-        x = self.conv2[1].add_to(self.conv2[0](x), x)
-        if not (torch.is_grad_enabled() or _tracing() or self.conv3[0].norm_training):
-            return self._conv3_bands(x)
+        x = self.conv2[1].add_to(self.conv2[0](x), x)  # x + conv(conv(x))
+        if ops.inference(x) and not self.conv3[0].norm_training:
+            return ops.stem_conv3_bands(x, *self.conv3)
         x = self.conv3[0](x).permute(0, 2, 3, 1)
         return self.conv3[1].forward_tokens(x)
-
-    def _conv3_bands(self, x: torch.Tensor) -> torch.Tensor:
-        """``conv3`` at inference over bands of output rows, so that its 4x-wide hidden tensor
-        (the largest of the model) never exists whole.
-
-        Output rows ``[r0, r1)`` of the stride-2 3x3 conv read input rows ``2 r0 - 1 .. 2 r1 - 1``
-        (row -1 is the zero padding, which the first band keeps; the others slice it out).
-        """
-        wide, project = self.conv3
-        b, _, h, w = x.shape
-        out = x.new_empty(b, h // 2, w // 2, project.conv.out_channels)
-        rows = _rows_per_chunk(b * (w // 2) * wide.conv.out_channels)
-        for r0 in range(0, h // 2, rows):
-            r1 = min(r0 + rows, h // 2)
-            if r0 == 0:
-                t = wide(x[:, :, : 2 * r1])
-            else:
-                t = wide(x[:, :, 2 * r0 - 1 : 2 * r1], padding=(0, 1))
-            out[:, r0:r1] = project.forward_tokens(t.permute(0, 2, 3, 1))
-        return out
 
 
 class PatchMerging(nn.Module):
@@ -545,92 +248,16 @@ class PatchMerging(nn.Module):
         if _tracing() or h % 2 or w % 2:  # odd sizes: pad *before* the 1x1 conv
             x = F.pad(x, (0, 0, 0, w - w // 2 * 2, 0, h - h // 2 * 2))  # floor div, as above
         expand, dwconv, project = self.conv
-        if not (torch.is_grad_enabled() or _tracing() or project.norm.training):
-            return self._forward_bands(x)
+        if ops.inference(x) and not project.norm.training:
+            return ops.patch_merging_bands(x, expand, dwconv, project)
         x = expand.forward_tokens(x)  # 1x1 convs as token GEMMs: no NCHW round trip
         x = dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return project.forward_tokens(x)
 
-    def _forward_bands(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference over bands of output rows, so the 8x-wide hidden tensor never exists whole.
-
-        Output rows ``[r0, r1)`` of the stride-2 3x3 conv read input rows ``2 r0 - 1 .. 2 r1 - 1``.
-        Each band expands its own rows ``2 r0 .. 2 r1 - 1`` once and runs the conv with a zero
-        row on top; the top kernel row's taps on the previous band's last row (the zero row's
-        place) are then added to the band's first output row before the ReLU.
-        """
-        expand, dwconv, project = self.conv
-        b, h, w, _ = x.shape
-        out = x.new_empty(b, h // 2, w // 2, project.conv.out_channels)
-        rows = _rows_per_chunk(2 * b * w * expand.conv.out_channels)
-        weight, bias, groups = dwconv.conv.weight, dwconv.conv.bias, dwconv.conv.groups
-        halo = None  # the previous band's last expanded row, NCHW (B, C, 1, W)
-        for r0 in range(0, h // 2, rows):
-            r1 = min(r0 + rows, h // 2)
-            t = expand.forward_tokens(x[:, 2 * r0 : 2 * r1]).permute(0, 3, 1, 2)
-            y = F.conv2d(t, weight, bias, 2, 1, 1, groups)
-            if halo is not None:
-                y[:, :, :1] += F.conv2d(halo, weight[:, :, :1], None, (1, 2), (0, 1), 1, groups)
-            halo = t[:, :, -1:]
-            out[:, r0:r1] = project.forward_tokens(F.relu_(y).permute(0, 2, 3, 1))
-        return out
-
-
-class _MlpFunction(torch.autograd.Function):
-    """``fc2(GELU(fc1(x)))`` for training, over chunks of tokens, keeping only the pre-activation.
-
-    Plain autograd keeps both 4x-wide tensors (GELU's input, and its output for ``fc2``'s weight
-    gradient); here the backward recomputes GELU from the kept input (the same values, bit for
-    bit), which saves a quarter of the block's activation memory. Forward and backward run over
-    chunks of at most :data:`CHUNK_ELEMENTS` hidden activations (the pre-activation is kept as
-    those chunks), so no 4x-wide tensor exists whole: at high resolution a whole one is large
-    enough that the allocator maps fresh pages for it every step, and page faults then cost more
-    than the GEMMs. The weight gradients accumulate over the chunks.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):
-        tokens = x.reshape(-1, x.shape[-1])
-        step = _rows_per_chunk(w1.shape[0])
-        out = tokens.new_empty(tokens.shape[0], w2.shape[0])
-        pres = []
-        for start in range(0, tokens.shape[0], step):
-            pre = F.linear(tokens[start : start + step], w1, b1)
-            out[start : start + step] = F.linear(F.gelu(pre), w2, b2)
-            pres.append(pre)
-        ctx.step = step
-        ctx.save_for_backward(x, w1, w2, *pres)
-        return out.view(*x.shape[:-1], -1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w1, w2, *pres = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grad = grad.reshape(-1, grad.shape[-1])
-        tokens = x.reshape(-1, x.shape[-1])
-        grad_x = torch.empty_like(tokens) if need[0] else None
-        grad_w1 = torch.zeros_like(w1) if need[1] else None
-        grad_b1 = w1.new_zeros(w1.shape[0]) if need[2] else None
-        grad_w2 = torch.zeros_like(w2) if need[3] else None
-        for i, pre in enumerate(pres):
-            rows = slice(i * ctx.step, i * ctx.step + pre.shape[0])
-            g = grad[rows]
-            if need[3]:
-                grad_w2.addmm_(g.t(), F.gelu(pre))
-            if need[0] or need[1] or need[2]:
-                grad_pre = torch.ops.aten.gelu_backward(g @ w2, pre)
-                if need[0]:
-                    torch.mm(grad_pre, w1, out=grad_x[rows])
-                if need[1]:
-                    grad_w1.addmm_(grad_pre.t(), tokens[rows])
-                if need[2]:
-                    grad_b1 += grad_pre.sum(0)
-        grad_b2 = grad.sum(0) if need[4] else None
-        grad_x = grad_x.view_as(x) if need[0] else None
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
-
 
 class Mlp(nn.Module):
+    """``fc2(GELU(fc1(x)))`` (trained as a chunked function, see :func:`mlla_ops.mlp`)."""
+
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -638,10 +265,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fc1, fc2 = self.fc1, self.fc2
-        if torch.is_grad_enabled() and not (_tracing() or _autocast(x.device.type)):
-            return _MlpFunction.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-        return fc2(self.act(fc1(x)))
+        return ops.mlp(x, self.fc1, self.fc2)
 
 
 class LinearAttention(nn.Module):
@@ -651,7 +275,8 @@ class LinearAttention(nn.Module):
 
         out = (RoPE(q) @ (RoPE(k)^T @ v) / N) / (q . mean(k) + 1e-6) + LePE(v)
 
-    The normaliser uses the un-rotated q and k. Under autocast the products run in float32.
+    The normaliser uses the un-rotated q and k. The core (``ELU + 1``, the products and LePE)
+    runs in float32 under autocast and in a half/bf16 model.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
@@ -666,26 +291,25 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C).
 
-        q and k come out of one GEMM as a (B, N, 2, C) tensor and are rotated together
-        (:func:`rope_rotate`). The heads are a batch dimension of strided views, so each product
-        is one batched GEMM over all heads without a transpose copy; see :meth:`_attend`.
+        q and k come out of one GEMM as a (B, N, 2, C) tensor and are rotated together. The heads
+        are a batch dimension of strided views, so each product is one batched GEMM over all
+        heads without a transpose copy; see :meth:`_attend`.
         """
         b, h, w, c = x.shape
-        grad = torch.is_grad_enabled()
-        qk = linear_act(x, self.qk)
+        qk = ops.linear(x, self.qk.weight, self.qk.bias)
         with torch.autocast(x.device.type, enabled=False):
             dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
             v = x.to(dtype)
-            qk = elu_plus_one(qk.to(dtype)).view(b, h * w, 2, c)
+            qk = elu_plus_one(qk, dtype).view(b, h * w, 2, c)
             lepe = dwconv_nhwc(v, self.lepe).view(b, h * w, c)  # float32 weights and input
-            if grad or _tracing():
-                out = self._attend(qk, v.view(b, h * w, c), lepe, h, w)
+            if ops.inference(x):
+                out = ops.attend_inplace(qk, v.view(b, h * w, c), lepe, h, w, self.num_heads)
             else:
-                out = self._attend_inplace(qk, v.view(b, h * w, c), lepe, h, w)
+                out = self._attend(qk, v.view(b, h * w, c), lepe, h, w)
         return out.view(b, h, w, c).to(x.dtype)
 
     def _attend(self, qk, v, lepe, h: int, w: int) -> torch.Tensor:
-        """The attention core as four batched products over (B, heads) (autograd, tracing).
+        """The attention core as four batched products over (B, heads).
 
         Args:
             qk: (B, N, 2, C) ``ELU + 1`` of q and k.
@@ -708,26 +332,6 @@ class LinearAttention(nn.Module):
         kv = (split(k_rot).transpose(-2, -1) @ split(v)) * (1.0 / n)  # (B, heads, d, d)
         out = (split(q_rot) * z) @ kv  # (B, heads, N, d)
         return (lepe.unflatten(-1, (heads, -1)) + out.transpose(1, 2)).flatten(2)
-
-    def _attend_inplace(self, qk, v, lepe, h: int, w: int) -> torch.Tensor:
-        """:meth:`_attend` without autograd: rotation, scaling and the output product run in
-        place (the products accumulate into ``lepe``), per image, on strided per-head views."""
-        b, n, _, c = qk.shape
-        heads, d = self.num_heads, c // self.num_heads
-
-        def split(t):  # (N, C) -> (heads, N, d), a view
-            return t.view(n, heads, d).transpose(0, 1)
-
-        k_mean = qk[:, :, 1].mean(1).view(b, heads, 1, d)
-        z = []  # (heads, N, 1) per image; as a (1 x d) @ (d x N) product: a fast GEMM shape
-        for i in range(b):
-            dots = torch.bmm(k_mean[i], split(qk[i, :, 0]).transpose(1, 2))  # (heads, 1, N)
-            z.append(dots.add_(1e-6).reciprocal_().transpose(1, 2))
-        rot = rope_rotate(qk, h, w, inplace=True)
-        for i in range(b):
-            kv = torch.bmm(split(rot[i, :, 1]).transpose(1, 2), split(v[i])).mul_(1.0 / n)
-            split(lepe[i]).baddbmm_(split(rot[i, :, 0]).mul_(z[i]), kv)
-        return lepe
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}, num_heads={self.num_heads}'
@@ -762,48 +366,29 @@ class MLLABlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C), all intermediates channels-last.
 
-        The CPE residuals run as one conv each (:func:`dwconv_nhwc` with ``residual=True``);
-        without autograd the gate, activations and residual additions run in place.
+        Without autograd the gate, the activations and the residual additions run in place.
         """
-        no_grad = not torch.is_grad_enabled()
-        x = dwconv_nhwc(x, self.cpe1, residual=True)
+        inplace = ops.inference(x)
+        x = dwconv_nhwc(x, self.cpe1, residual=True)  # x + CPE(x), one conv
         shortcut = x
         x = self.norm1(x)
-        gate = linear_act(x, self.act_proj, 'silu')
-        x = F.silu(dwconv_nhwc(linear_act(x, self.in_proj), self.dwc), inplace=no_grad)
+        gate = ops.linear(x, self.act_proj.weight, self.act_proj.bias, 'silu')
+        x = ops.linear(x, self.in_proj.weight, self.in_proj.bias)
+        x = F.silu(dwconv_nhwc(x, self.dwc), inplace=inplace)
         x = self.attn(x)
-        x = x.mul_(gate) if no_grad else x * gate
-        if isinstance(self.drop_path, nn.Identity) or not self.training:
-            x = _linear_residual(x, self.out_proj, shortcut)
-        else:
+        x = x.mul_(gate) if inplace else x * gate
+        if self._drop_path_active:
             x = shortcut + self.drop_path(self.out_proj(x))
-        x = dwconv_nhwc(x, self.cpe2, residual=True)
-        no_drop = isinstance(self.drop_path, nn.Identity) or not self.training
-        if no_grad and no_drop and not _tracing() and x.is_contiguous():
-            return self._mlp_inplace(x)
-        if not no_grad:
+        else:
+            x = ops.add_linear(shortcut, x, self.out_proj.weight, self.out_proj.bias)
+        x = dwconv_nhwc(x, self.cpe2, residual=True)  # x + CPE(x)
+        if self._drop_path_active:
             return x + self.drop_path(self.mlp(self.norm2(x)))
-        hidden = linear_act(self.norm2(x), self.mlp.fc1, 'gelu')
-        if no_drop:
-            return _linear_residual(hidden, self.mlp.fc2, x)
-        return x + self.drop_path(self.mlp.fc2(hidden))
+        return ops.add_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2)  # x + MLP(LN(x))
 
-    def _mlp_inplace(self, x: torch.Tensor) -> torch.Tensor:
-        """``x + MLP(LN(x))`` without autograd, in place, over chunks of tokens.
-
-        Every op of the MLP is per token, so chunks of at most :data:`CHUNK_ELEMENTS` hidden
-        activations give the same result while the 4x-wide hidden tensor never exists whole:
-        lower peak memory, and chunk buffers the allocator reuses instead of fresh pages.
-        """
-        tokens = x.view(-1, x.shape[-1])
-        step = _rows_per_chunk(self.mlp.fc1.out_features)
-        for start in range(0, tokens.shape[0], step):
-            rows = tokens[start : start + step]
-            hidden = linear_act(self.norm2(rows), self.mlp.fc1, 'gelu')
-            out = _linear_residual(hidden, self.mlp.fc2, rows)
-            if out is not rows:  # mixed dtypes under autocast: not accumulated in place
-                rows.copy_(out)
-        return x
+    @property
+    def _drop_path_active(self) -> bool:
+        return self.training and not isinstance(self.drop_path, nn.Identity)
 
 
 class MLLAStage(nn.Module):

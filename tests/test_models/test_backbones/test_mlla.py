@@ -174,7 +174,7 @@ def test_matches_plain_transcription_training_with_gradients(monkeypatch, chunk_
     """Training outputs, every parameter's gradient and the BatchNorm statistics equal the plain
     transcription's; with 1000-element chunks the training MLP runs over many token chunks."""
     if chunk_elements is not None:
-        from mlla_mm.models.backbones import mlla as mlla_module
+        from mlla_mm.models.backbones import mlla_ops as mlla_module
 
         monkeypatch.setattr(mlla_module, 'CHUNK_ELEMENTS', chunk_elements)
     model, ref = tiny_pair()
@@ -336,6 +336,7 @@ def test_attention_core_runs_in_float32_under_autocast():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     matmuls = {'mm', 'addmm', 'addmm_', 'bmm', 'baddbmm', 'baddbmm_', 'matmul', 'einsum'}
+    matmuls |= {'_linear_pointwise'}  # the fused oneDNN linear (bf16 under autocast)
 
     class Spy(TorchDispatchMode):
         def __init__(self):
@@ -496,7 +497,7 @@ def test_every_code_path_matches_the_plain_transcription():
 def test_chunked_inference_matches(monkeypatch):
     """The inference MLP runs over chunks of tokens and the patch merging over bands of rows;
     many small chunks (one output row per band) give the same outputs."""
-    from mlla_mm.models.backbones import mlla as mlla_module
+    from mlla_mm.models.backbones import mlla_ops as mlla_module
 
     model, ref = tiny_pair()
     model.eval(), ref.eval()
