@@ -13,9 +13,9 @@ and whole models built on it export to plain ONNX:
 
 Whole models: a segmentor exports to its logits at input resolution (UperNet included: its
 ``AdaptiveAvgPool2d`` pyramid pooling is swapped for an exact, shape-generic equivalent before
-export, see :class:`ShapeGenericAdaptiveAvgPool2d`), a classifier to its logits, and a detector to
-its backbone + neck features only: the RPN proposal selection (NMS), RoIAlign (mmcv ops) and the
-data-dependent number of detections of Mask R-CNN are not plain ONNX (see README, Deployment).
+export, see :class:`ShapeGenericAdaptiveAvgPool2d`), a classifier to its logits, and Mask R-CNN
+whole, image to boxes, scores, labels and masks (:mod:`mlla_mm.deploy_det`, with its own export
+and parity functions; :class:`DetectorFeatures` exports the backbone + neck only).
 """
 
 from __future__ import annotations
@@ -162,8 +162,7 @@ class ClassifierLogits(nn.Module):
 class DetectorFeatures(nn.Module):
     """An mmdet detector's backbone + neck: ``image -> (FPN level 0, 1, ...)``.
 
-    The part of Mask R-CNN that is plain ONNX; proposals (NMS), RoIAlign and the per-image
-    number of detections are not (see the module docstring).
+    For the whole Mask R-CNN see :class:`mlla_mm.deploy_det.MaskRCNNGraph`.
     """
 
     def __init__(self, detector: nn.Module) -> None:
@@ -174,7 +173,13 @@ class DetectorFeatures(nn.Module):
         return tuple(self.detector.extract_feat(x))
 
 
-_WRAPPERS = {'mmseg': SegmentorLogits, 'mmpretrain': ClassifierLogits, 'mmdet': DetectorFeatures}
+def _detector_graph(detector: nn.Module) -> nn.Module:
+    from mlla_mm.deploy_det import MaskRCNNGraph
+
+    return MaskRCNNGraph(detector)
+
+
+_WRAPPERS = {'mmseg': SegmentorLogits, 'mmpretrain': ClassifierLogits, 'mmdet': _detector_graph}
 
 
 def build_whole_model(config: str | Config, checkpoint: str | None = None) -> nn.Module:
@@ -188,7 +193,8 @@ def build_whole_model(config: str | Config, checkpoint: str | None = None) -> nn
 
     Returns:
         nn.Module: :class:`SegmentorLogits`, :class:`ClassifierLogits` or
-        :class:`DetectorFeatures`, eval mode, on the CPU.
+        :class:`mlla_mm.deploy_det.MaskRCNNGraph` (the whole detector; export it with
+        :func:`mlla_mm.deploy_det.export_detector_onnx`), eval mode, on the CPU.
     """
     from mmengine.model import revert_sync_batchnorm
     from mmengine.registry import DefaultScope
@@ -207,7 +213,7 @@ def build_whole_model(config: str | Config, checkpoint: str | None = None) -> nn
         model.init_weights()
     else:
         load_checkpoint(model, checkpoint, map_location='cpu', strict=True)
-    return _WRAPPERS[scope](revert_sync_batchnorm(model)).eval()
+    return _WRAPPERS[scope](revert_sync_batchnorm(model).eval()).eval()
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,12 +1,20 @@
-"""Export an MLLA backbone (or a whole segmentor/classifier, or a detector's backbone + neck) to
-ONNX with dynamic batch, height and width, then check onnxruntime against PyTorch at two other
-input sizes (one non-square, one not a multiple of 32); exits with 1 above the tolerance.
+"""Export an MLLA backbone, or a whole segmentor/classifier/Mask R-CNN, to ONNX with dynamic
+height and width (and batch, except Mask R-CNN: one image), then check onnxruntime against PyTorch
+at other input sizes; exits with 1 when they differ.
+
+Backbone, segmentor, classifier: random inputs at two other sizes (one non-square, one not a
+multiple of 32), max relative error against --tol. Mask R-CNN (--whole-model on a detection
+config): image in, boxes/scores/labels/masks out, one graph of standard ONNX operators; checked
+against mmdet's predict() on skimage photographs and toy-set images (detections above
+--match-score-thr matched: same label, box IoU >= 0.99, |score diff| <= 1e-3, mask IoU >= 0.98).
 
 Examples:
     python tools/deployment/export_onnx.py --arch tiny --shape 224 224 --out mlla_t.onnx
     python tools/deployment/export_onnx.py --arch small --checkpoint MLLA_S.pth --out mlla_s.onnx
     python tools/deployment/export_onnx.py --config configs/upernet_mlla_t.py --whole-model \
         --checkpoint upernet_mlla_t.pth --shape 512 512 --out upernet_mlla_t.onnx
+    python tools/deployment/export_onnx.py --config configs/mask_rcnn_mlla_t.py --whole-model \
+        --checkpoint mask_rcnn_mlla_t.pth --out mask_rcnn_mlla_t.onnx --benchmark 3
 """
 
 import argparse
@@ -15,6 +23,7 @@ import sys
 import time
 
 import torch
+from mmengine.config import Config
 
 from mlla_mm.deploy import (
     EXPORTERS,
@@ -25,6 +34,16 @@ from mlla_mm.deploy import (
     default_check_shapes,
     export_onnx,
     onnx_io_dims,
+)
+from mlla_mm.deploy_det import (
+    DIFFERENCES,
+    MaskRCNNGraph,
+    assert_det_parity,
+    benchmark_detector,
+    check_detector_parity,
+    detection_check_images,
+    export_detector_onnx,
+    onnx_ops,
 )
 
 
@@ -37,8 +56,8 @@ def parse_args(argv=None):
     parser.add_argument(
         '--whole-model',
         action='store_true',
-        help='with --config: export the segmentor (logits) / classifier (logits) / detector '
-        '(backbone + neck features) instead of the backbone',
+        help='with --config: export the segmentor (logits) / classifier (logits) / Mask R-CNN '
+        '(boxes, scores, labels, masks) instead of the backbone',
     )
     parser.add_argument('--shape', type=int, nargs=2, default=(224, 224), metavar=('H', 'W'))
     parser.add_argument('--out', required=True, help='the .onnx file to write')
@@ -55,6 +74,23 @@ def parse_args(argv=None):
     parser.add_argument('--check-batch', type=int, default=3, help='batch of the parity checks')
     parser.add_argument('--tol', type=float, default=1e-4, help='max relative error allowed')
     parser.add_argument('--seed', type=int, default=0, help='seed of the random initialisation')
+    det = parser.add_argument_group('Mask R-CNN (--whole-model on a detection config)')
+    det.add_argument(
+        '--match-score-thr',
+        type=float,
+        default=0.3,
+        help='detections above this score must match between onnxruntime and mmdet',
+    )
+    det.add_argument('--toy-images', type=int, default=2, help='toy-set images to check on')
+    det.add_argument('--no-photos', action='store_true', help='skip the skimage.data photographs')
+    det.add_argument(
+        '--benchmark',
+        type=int,
+        default=0,
+        metavar='N',
+        help='then time mmdet eager against onnxruntime on the first check image (median of N)',
+    )
+    det.add_argument('--threads', type=int, default=0, help='onnxruntime threads (0: default)')
     args = parser.parse_args(argv)
     if args.whole_model and not args.config:
         parser.error('--whole-model needs --config')
@@ -66,6 +102,8 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)  # reproducible random weights where no checkpoint gives them
     if args.whole_model:
         model = build_whole_model(args.config, args.checkpoint)
+        if isinstance(model, MaskRCNNGraph):
+            return _export_detector(args, model)
     else:
         model = build_backbone(args.arch, args.config, args.checkpoint)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -85,6 +123,56 @@ def main(argv=None) -> int:
         return 1
     worst = max(r.max_rel_err for r in results)
     print(f'export_onnx: parity OK (max rel err {worst:.2e} <= {args.tol:g})')
+    return 0
+
+
+def _export_detector(args, graph: MaskRCNNGraph) -> int:
+    """--whole-model on a detection config: the whole Mask R-CNN, checked against mmdet."""
+    if args.exporter != 'torchscript' or args.check_shape:
+        print('export_onnx: Mask R-CNN exports with --exporter torchscript and is checked on '
+              'images (--toy-images, --no-photos), not --check-shape', file=sys.stderr)  # fmt: skip
+        return 2
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    start = time.perf_counter()
+    export_detector_onnx(graph, args.out, args.shape, opset=args.opset or 17)
+    print(f'export_onnx: wrote {args.out} (Mask R-CNN, traced at 1x3x{args.shape[0]}x'
+          f'{args.shape[1]}, {time.perf_counter() - start:.1f} s)')  # fmt: skip
+    for name, dims in onnx_io_dims(args.out).items():
+        print(f'  {name}: {dims}')
+    ops = onnx_ops(args.out)
+    custom = sorted(op for op in ops if '::' in op)
+    print(f'  operators: {", ".join(f"{k} x{v}" for k, v in sorted(ops.items()))}')
+    print(f'  custom-domain operators: {custom or "none (standard ONNX only)"}')
+    cfg = Config.fromfile(args.config)
+    images = detection_check_images(cfg, not args.no_photos, args.toy_images)
+    results = check_detector_parity(
+        graph.detector, args.out, images, args.match_score_thr, args.threads
+    )
+    for r in results:
+        print(f'  onnxruntime vs mmdet predict(): {r} [mmdet {r.torch_ms:.0f} ms, '
+              f'onnxruntime {r.onnx_ms:.0f} ms]')  # fmt: skip
+    print('  not bit-exact with mmdet 3.3 (see docs/deployment.md):')
+    for line in DIFFERENCES:
+        print(f'    - {line}')
+    if args.benchmark:
+        name, image = images[0]
+        bench = benchmark_detector(graph.detector, args.out, image, args.benchmark, args.threads)
+        print(f'  latency on {name} {image.shape[0]}x{image.shape[1]} (median of '
+              f'{args.benchmark}, {torch.get_num_threads()} torch threads): mmdet eager '
+              f'{bench["eager_ms"]:.0f} ms, onnxruntime {bench["onnx_ms"]:.0f} ms')  # fmt: skip
+    if custom:
+        print(f'export_onnx: FAILED: custom operators {custom}', file=sys.stderr)
+        return 1
+    try:
+        assert_det_parity(results)
+    except AssertionError as e:
+        print(f'export_onnx: FAILED: {e}', file=sys.stderr)
+        return 1
+    matched = sum(r.matched for r in results)
+    if not any(r.reference for r in results):
+        print(f'export_onnx: WARNING: no detection above {args.match_score_thr:g} on any image '
+              '(random weights?): the check compared no detection; pass --checkpoint')  # fmt: skip
+    print(f'export_onnx: parity OK ({matched} detections matched on {len(results)} images)')
     return 0
 
 
