@@ -10,7 +10,7 @@
 
 A command runs the script as ``python tools/<script> ARGS`` would (as ``__main__``, like
 ``runpy.run_path``), so the tools stay the one implementation and need no changes. An argument
-``mlla_mm::NAME`` becomes the path of that shipped config, e.g.
+``mlla_mm::NAME`` (or ``--config=mlla_mm::NAME``) becomes the path of that shipped config, e.g.
 ``mlla-train mlla_mm::toy/mask_rcnn_mlla_t_toy.py``. ``python -m mlla_mm.cli train ...`` does the
 same where the scripts folder is not on ``PATH``.
 """
@@ -67,8 +67,18 @@ def run_tool(tool: str, argv: Sequence[str] | None = None, prog: str | None = No
     if not script.is_file():
         raise SystemExit(f'{script} is missing: reinstall mlla_mm (pip install mlla_mm).')
     args = list(sys.argv[1:] if argv is None else argv)
-    args = [str(config_path(a)) if a.startswith(PREFIX) else a for a in args]
+    args = [_expand_prefix(a) for a in args]
     _run_script(script, [prog or f'mlla-{tool}', *args])
+
+
+def _expand_prefix(arg: str) -> str:
+    """``mlla_mm::NAME`` (also as ``--option=mlla_mm::NAME``) -> the path of that shipped config."""
+    if arg.startswith(PREFIX):
+        return str(config_path(arg))
+    option, sep, value = arg.partition('=')
+    if arg.startswith('--') and sep and value.startswith(PREFIX):
+        return f'{option}={config_path(value)}'
+    return arg
 
 
 def _run_script(script: Path, argv: list[str]) -> None:

@@ -16,7 +16,7 @@ package's site-packages folder (wrong for editable installs). :func:`register_co
 its own, so it behaves as if inherited by file path (its mmdet/mmseg/mmpretrain bases keep
 theirs). Limit: the prefix works only once ``mlla_mm`` is imported before the config is read,
 which our tools, the ``mlla-*`` commands and ``import mlla_mm`` do, but mmdet's or mmseg's own
-``tools/train.py`` do not (use ``mlla-train``, which runs any of their configs too).
+``tools/train.py`` do not (use ``mlla-train`` / ``mlla-test`` for such configs).
 """
 
 from __future__ import annotations

@@ -108,8 +108,10 @@ def test_commands_map_the_prefix_and_run_the_tool_scripts(monkeypatch, capsys):
     assert seen['script'] == resources.tools_dir() / 'train.py'
     toy = str(resources.config_path('toy/mask_rcnn_mlla_t_toy.py'))
     assert seen['argv'] == ['mlla-train', toy, '--work-dir', 'w']
-    cli.export_onnx(['--help'])
+    cli.export_onnx(['--config=mlla_mm::upernet_mlla_t', '--out', 'a=mlla_mm::b'])
     assert seen['script'] == resources.tools_dir() / 'deployment' / 'export_onnx.py'
+    upernet = resources.config_path('upernet_mlla_t.py')
+    assert seen['argv'] == ['mlla-export-onnx', f'--config={upernet}', '--out', 'a=mlla_mm::b']
 
     monkeypatch.undo()
     main, argv = sys.modules['__main__'], sys.argv
