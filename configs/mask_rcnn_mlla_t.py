@@ -6,6 +6,8 @@ custom_imports = dict(imports=['mlla_mm'], allow_failed_imports=False)
 
 # The official ImageNet-1k checkpoint (MLLA_T.pth, see README); change it with
 # --cfg-options model.backbone.init_cfg.checkpoint=PATH (or init_cfg=None to train from scratch).
+# map_cls_norm=False: as the official backbone, which loads it with strict=False, the
+# classifier's final `norm` is not loaded (norm0..norm3 start as LayerNorm 1/0).
 pretrained = 'checkpoints/MLLA_T.pth'
 model = dict(
     backbone=dict(
@@ -15,6 +17,7 @@ model = dict(
         drop_path_rate=0.1,
         out_indices=(0, 1, 2, 3),
         with_cp=False,
+        map_cls_norm=False,
         init_cfg=dict(type='Pretrained', checkpoint=pretrained),
     ),
     neck=dict(in_channels=[64, 128, 256, 512]),
@@ -54,18 +57,17 @@ train_pipeline = [
 # training with --auto-scale-lr).
 train_dataloader = dict(batch_size=2, dataset=dict(pipeline=train_pipeline))
 
-# AdamW, lr 1e-4, weight decay 0.05, none on normalisation layers and position terms. The official
-# config exempts 'norm' and the position tables of Swin / Agent attention ('absolute_pos_embed',
-# 'relative_position_bias_table', 'an_bias', ...), which MLLA does not have. MLLA's position terms
-# are the conditional position encodings (depthwise convs `cpe1`, `cpe2`) and LePE (`attn.lepe`);
-# RoPE has no parameters. norm_decay_mult covers every LayerNorm / BatchNorm by type.
+# AdamW, lr 1e-4, weight decay 0.05, except on parameters whose name contains 'norm', as the
+# official config (its other no-decay keys, 'absolute_pos_embed', 'relative_position_bias_table',
+# 'an_bias', ..., are Swin / Agent-attention names that match nothing here). In MLLA 'norm' is
+# every LayerNorm (norm1/norm2 in the blocks, the output norms norm0..norm3) and every BatchNorm
+# (the stem's and the patch mergings' ConvLayer.norm); biases, the position terms (cpe1, cpe2,
+# attn.lepe) and the neck and heads decay. To exempt cpe/lepe as well (this package's earlier
+# choice), see docs/recipes.md "Opting into our deviations".
 optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
-    paramwise_cfg=dict(
-        norm_decay_mult=0.0,
-        custom_keys={'.cpe': dict(decay_mult=0.0), '.lepe': dict(decay_mult=0.0)},
-    ),
+    paramwise_cfg=dict(custom_keys={'norm': dict(decay_mult=0.0)}),
 )
 # Mixed precision on CUDA: tools/train.py --amp (AmpOptimWrapper, dynamic loss scale), or
 # configs/mask_rcnn_mlla_t_amp.py.

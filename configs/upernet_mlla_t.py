@@ -15,6 +15,8 @@ custom_imports = dict(imports=['mlla_mm'], allow_failed_imports=False)
 
 # The official ImageNet-1k checkpoint (MLLA_T.pth, see README); change it with
 # --cfg-options model.backbone.init_cfg.checkpoint=PATH (or init_cfg=None to train from scratch).
+# map_cls_norm=False: as the official backbone, which loads it with strict=False, the
+# classifier's final `norm` is not loaded (norm0..norm3 start as LayerNorm 1/0).
 pretrained = 'checkpoints/MLLA_T.pth'
 model = dict(
     backbone=dict(
@@ -24,6 +26,7 @@ model = dict(
         drop_path_rate=0.2,
         out_indices=(0, 1, 2, 3),
         with_cp=False,
+        map_cls_norm=False,
         init_cfg=dict(type='Pretrained', checkpoint=pretrained),
     ),
     decode_head=dict(in_channels=[64, 128, 256, 512]),
@@ -33,6 +36,8 @@ model = dict(
 
 # No weight decay on normalisation layers: 'norm' matches every LayerNorm/BatchNorm of MLLA
 # (norm1/norm2 in blocks, the stem/merging BatchNorms, the output norms norm0..norm3), as in
-# the official config. The Swin-only keys of the base config (absolute_pos_embed,
-# relative_position_bias_table) match nothing in MLLA and are dropped.
+# the official config; biases and the position terms (cpe1, cpe2, attn.lepe) decay, as there
+# and in configs/mask_rcnn_mlla_t.py. The Swin-only keys of the base config (absolute_pos_embed,
+# relative_position_bias_table) match nothing in MLLA and are dropped. To exempt cpe/lepe as
+# well, see docs/recipes.md "Opting into our deviations".
 optim_wrapper = dict(paramwise_cfg=dict(_delete_=True, custom_keys={'norm': dict(decay_mult=0.0)}))

@@ -81,34 +81,55 @@ def test_config_follows_the_official_recipe(name):
     assert [t for t in test if t.type == 'Resize'][0].scale == (1333, 800)
 
 
-def test_no_weight_decay_on_norms_and_position_terms(mmdet_scope):
+def weight_decays(cfg: Config) -> dict:
+    """{parameter name: weight decay} of a tiny-MLLA Mask R-CNN under ``cfg.optim_wrapper``."""
     from mmdet.registry import MODELS
     from mmengine.optim import build_optim_wrapper
 
-    cfg = Config.fromfile(str(CONFIGS / 'mask_rcnn_mlla_t.py'))
     cfg.model.backbone.update(
         init_cfg=None, arch=dict(embed_dims=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))
     )
     cfg.model.neck.in_channels = [32, 64, 128, 256]
     model = MODELS.build(cfg.model)
     wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
-    decay = {}
     ids = {id(p): n for n, p in model.named_parameters()}
-    for group in wrapper.optimizer.param_groups:
-        for p in group['params']:
-            decay[ids[id(p)]] = group['weight_decay']
-    assert len(decay) == len(ids)
-    no_decay = {n for n, wd in decay.items() if wd == 0}
+    decay = {
+        ids[id(p)]: g['weight_decay'] for g in wrapper.optimizer.param_groups for p in g['params']
+    }
+    assert set(decay) == set(ids.values())
     norms = {
         f'{m}.{p}'
         for m, mod in model.named_modules()
         if isinstance(mod, (torch.nn.LayerNorm, torch.nn.BatchNorm2d))
         for p in ('weight', 'bias')
     }
-    position = {n for n in decay if '.cpe' in n or '.lepe.' in n}
-    assert norms and position and no_decay == norms | position
+    # MLLA names every norm layer '...norm...', so the official name rule is the type rule.
+    assert norms == {n for n in decay if 'norm' in n}
+    return decay
+
+
+@pytest.mark.parametrize('name', ['mask_rcnn_mlla_t.py', 'mask_rcnn_mlla_b.py'])
+def test_weight_decay_spares_only_norms_as_official(name, mmdet_scope):
+    """Official custom_keys: no decay where the name contains 'norm' (its other keys are Swin's)."""
+    decay = weight_decays(Config.fromfile(str(CONFIGS / name)))
+    no_decay = {n for n, wd in decay.items() if wd == 0}
+    assert no_decay == {n for n in decay if 'norm' in n} and len(no_decay) > 20
     assert {decay[n] for n in decay if n not in no_decay} == {0.05}
-    assert 'backbone.layers.0.blocks.0.attn.qk.weight' not in no_decay
+    for decayed in (
+        'backbone.layers.0.blocks.0.cpe1.weight',
+        'backbone.layers.0.blocks.0.cpe2.weight',
+        'backbone.layers.0.blocks.0.attn.lepe.weight',
+        'backbone.layers.0.blocks.0.attn.qk.bias',
+        'neck.fpn_convs.0.conv.bias',
+    ):
+        assert decay[decayed] == 0.05, decayed
+
+
+@pytest.mark.parametrize('name', sorted(DET_CONFIGS))
+def test_downstream_configs_start_the_output_norms_fresh(name):
+    cfg = Config.fromfile(str(CONFIGS / name))
+    assert cfg.model.backbone.map_cls_norm is False
+    assert cfg.optim_wrapper.paramwise_cfg == dict(custom_keys={'norm': dict(decay_mult=0.0)})
 
 
 def _demo_batch(model, with_mask=True):
