@@ -66,9 +66,12 @@ def run_tool(tool: str, argv: Sequence[str] | None = None, prog: str | None = No
     script = tools_dir() / TOOLS[tool]
     if not script.is_file():
         raise SystemExit(f'{script} is missing: reinstall mlla_mm (pip install mlla_mm).')
-    args = list(sys.argv[1:] if argv is None else argv)
-    args = [_expand_prefix(a) for a in args]
-    _run_script(script, [prog or f'mlla-{tool}', *args])
+    prog = prog or f'mlla-{tool}'
+    try:
+        args = [_expand_prefix(a) for a in (sys.argv[1:] if argv is None else argv)]
+    except FileNotFoundError as e:
+        raise SystemExit(f'{prog}: error: {e}') from None
+    _run_script(script, [prog, *args])
 
 
 def _expand_prefix(arg: str) -> str:

@@ -139,6 +139,8 @@ def test_commands_map_the_prefix_and_run_the_tool_scripts(monkeypatch, capsys):
     assert 'toy/upernet_mlla_t_toy.py' in capsys.readouterr().out.splitlines()
     with pytest.raises(SystemExit, match='no tool'):
         cli.main(['nope'])
+    with pytest.raises(SystemExit, match=r"mlla-test: error: mlla_mm ships no config 'mlla_mm::x'"):
+        cli.test(['mlla_mm::x', 'ckpt.pth'])
 
 
 # -- which mlla_mm Python imports --------------------------------------------------------------
