@@ -9,9 +9,17 @@ not after minutes of model building or in the middle of the first epoch.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
+import io
 import json
+import logging
 import os
 import os.path as osp
+import re
+import sys
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -21,7 +29,19 @@ from mlla_mm.utils import require
 
 __all__ = [
     'SCOPES',
+    'CheckpointMismatchError',
     'ConfigCheckError',
+    'ConsoleFilter',
+    'add_common_args',
+    'check_checkpoint',
+    'checkpoint_problems',
+    'config_problems',
+    'default_threads',
+    'prints_to_log_file',
+    'quiet_console',
+    'setup_threads',
+    'silence_library_warnings',
+    'user_errors',
     'setup_scope',
     'validate_config',
     'configure_train',
@@ -46,7 +66,26 @@ _MAX_PARSE_BYTES = 64 * 2**20
 
 
 class ConfigCheckError(ValueError):
-    """A config that cannot run; the message names the problem and the fix."""
+    """A config (or a command line) that cannot run; the message names each problem and its fix.
+
+    Args:
+        problems: One message, or a list of them (one per problem found); ``str(error)`` lists
+            them all, one per line.
+    """
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            text = self.problems[0]
+        else:
+            text = f'{len(self.problems)} problems:\n' + '\n'.join(
+                f'  - {p}' for p in self.problems
+            )
+        super().__init__(text)
+
+
+class CheckpointMismatchError(ConfigCheckError):
+    """A checkpoint whose weights do not cover the model that the config builds."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -161,33 +200,54 @@ def check_coco_file(ann_file: str, classes: tuple | None = None, where: str = ''
             )
 
 
-def _check_dataset(where: str, ds: dict) -> None:
+def _shown(path: str) -> str:
+    """``path`` quoted, and for a relative path the absolute path it resolves to from here."""
+    if _is_remote(path) or osp.isabs(path):
+        return repr(path)
+    return f'{path!r} (relative to the current folder: {osp.abspath(path)})'
+
+
+def _dataset_problems(where: str, ds: dict) -> list[str]:
+    """The problems of one dataset config: its data root, annotation file and image folders."""
     root = ds.get('data_root') or ''
     seg = isinstance(ds.get('data_prefix'), dict) and 'seg_map_path' in ds['data_prefix']
     toy = 'make_toy_ade20k.py data/toy_ade20k' if seg else 'make_toy_coco.py data/toy_coco'
-    how = (
-        f'fix the path in the config or pass --cfg-options {where}.data_root=PATH; for the toy '
-        f'data run `python tools/misc/{toy}`'
-    )
+    toy_hint = f'for the toy data run `python tools/misc/{toy}`'
     if root and not _is_remote(root) and not osp.isdir(root):
-        raise ConfigCheckError(f'{where}.data_root: folder {root!r} does not exist; {how}')
+        # Everything else of this dataset lies under the root: one problem, not a cascade.
+        return [
+            f'{where}.data_root: folder {_shown(root)} does not exist; fix the path in the config '
+            f'or pass --cfg-options {where}.data_root=PATH; {toy_hint}'
+        ]
+    problems = []
+    under = f' (relative to {where}.data_root={root!r})' if root else ''
     ann = ds.get('ann_file') or ''
     if ann and not _is_remote(ann):
         path = _join(root, ann)
         if not osp.isfile(path):
-            raise ConfigCheckError(f'{where}.ann_file: file {path!r} does not exist; {how}')
-        if 'coco' in str(ds.get('type', '')).lower() or path.endswith('.json'):
+            problems.append(
+                f'{where}.ann_file: annotation file {_shown(path)} does not exist; pass '
+                f'--cfg-options {where}.ann_file=FILE{under} or fix ann_file in the config; '
+                f'{toy_hint}'
+            )
+        elif 'coco' in str(ds.get('type', '')).lower() or path.endswith('.json'):
             classes = (ds.get('metainfo') or {}).get('classes')
-            check_coco_file(path, classes, f'{where}.ann_file')
+            try:
+                check_coco_file(path, classes, f'{where}.ann_file')
+            except ConfigCheckError as e:
+                problems.extend(e.problems)
     prefix = ds.get('data_prefix') or {}
-    prefixes = prefix.values() if isinstance(prefix, dict) else [prefix]
-    for p in prefixes:
+    items = prefix.items() if isinstance(prefix, dict) else [(None, prefix)]
+    for key, p in items:
         if isinstance(p, str) and p and not _is_remote(p):
             path = _join(root, p)
             if not osp.isdir(path):
-                raise ConfigCheckError(
-                    f'{where}.data_prefix: folder {path!r} does not exist; {how}'
+                name = f'{where}.data_prefix' + (f'.{key}' if key else '')
+                problems.append(
+                    f'{name}: folder {_shown(path)} does not exist; pass --cfg-options '
+                    f'{name}=FOLDER{under} or fix data_prefix in the config; {toy_hint}'
                 )
+    return problems
 
 
 def _find_mlla(node, where: str = 'model') -> Iterator[tuple[str, dict]]:
@@ -201,39 +261,62 @@ def _find_mlla(node, where: str = 'model') -> Iterator[tuple[str, dict]]:
             yield from _find_mlla(v, f'{where}[{i}]')
 
 
-def _check_backbones(cfg: Config, check_pretrained: bool) -> None:
+def _resolves_in_scope(scope: str | None, name: str) -> bool:
+    """Whether ``type=name`` (no scope prefix) builds in the models registry of ``scope``."""
+    if scope not in SCOPES:
+        return False
+    try:
+        registry = importlib.import_module(f'{scope}.registry')
+        return registry.MODELS.get(name) is not None
+    except Exception:  # the library is missing or broken: setup_scope reports that
+        return False
+
+
+def _backbone_problems(cfg: Config, check_pretrained: bool) -> list[str]:
     from mlla_mm.models.backbones.mlla import MLLA
 
+    problems = []
+    scope = cfg.get('default_scope')
     for where, bb in _find_mlla(cfg.get('model', {})):
+        if bb['type'] == 'MLLA' and not _resolves_in_scope(scope, 'MLLA'):
+            # mlla_mm registers MLLA in its own child registry, which mmdet/mmseg/mmpretrain's
+            # registries do not search without the scope prefix.
+            problems.append(
+                f"{where}.type: 'MLLA' without a scope is not in the {scope} model registry, so "
+                f"the {scope} model would fail to build; write type='mlla_mm.MLLA' (and keep "
+                "custom_imports=dict(imports=['mlla_mm']))"
+            )
         try:
             MLLA._parse_arch(bb.get('arch', 'tiny'))
         except (KeyError, TypeError, ValueError) as e:
             msg = e.args[0] if e.args else str(e)
-            raise ConfigCheckError(f'{where}.arch: {msg}') from e
+            problems.append(f'{where}.arch: {msg}')
         init = bb.get('init_cfg')
         if check_pretrained and isinstance(init, dict) and init.get('type') == 'Pretrained':
             ckpt = str(init.get('checkpoint', ''))
             if not _is_remote(ckpt) and not osp.isfile(ckpt):
-                raise ConfigCheckError(
-                    f'{where}.init_cfg.checkpoint: pretrained checkpoint {ckpt!r} does not exist; '
-                    'download the official MLLA ImageNet checkpoint (see README) and pass '
+                problems.append(
+                    f'{where}.init_cfg.checkpoint: pretrained checkpoint {_shown(ckpt)} does not '
+                    'exist; download the official MLLA ImageNet checkpoint (see README) and pass '
                     f'--cfg-options {where}.init_cfg.checkpoint=PATH, or train from scratch with '
                     f'--cfg-options {where}.init_cfg=None'
                 )
+    return problems
 
 
-def validate_config(cfg: Config, phases: tuple = ('train', 'val', 'test')) -> None:
-    """Check a config before a run: datasets, annotation files, MLLA archs, pretrained files.
+def config_problems(cfg: Config, phases: tuple = ('train', 'val', 'test')) -> list[str]:
+    """Every problem :func:`validate_config` finds, one message each (empty if none).
 
     Args:
         cfg: A loaded config (after ``--cfg-options``).
         phases: Which dataloaders are used (``'train'``, ``'val'``, ``'test'``).
 
-    Raises:
-        ConfigCheckError: The first problem found, with the config key, the value and the fix.
+    Returns:
+        list[str]: Messages with the config key, the value and the fix; relative paths are shown
+        with the absolute path they resolve to from the current folder.
     """
     # Testing loads a whole trained checkpoint: the ImageNet one is only needed for training.
-    _check_backbones(cfg, check_pretrained='train' in phases)
+    problems = _backbone_problems(cfg, check_pretrained='train' in phases)
     for name in _DATALOADERS:
         phase = name.split('_')[0]
         loader = cfg.get(name)
@@ -242,19 +325,38 @@ def validate_config(cfg: Config, phases: tuple = ('train', 'val', 'test')) -> No
         if phase == 'val' and cfg.get('val_cfg') is None:
             continue
         for where, ds in _leaf_datasets(loader.get('dataset'), f'{name}.dataset'):
-            _check_dataset(where, ds)
+            problems.extend(_dataset_problems(where, ds))
     for name in ('val_evaluator', 'test_evaluator'):
         if name.split('_')[0] not in phases:
+            continue
+        if name == 'val_evaluator' and cfg.get('val_cfg') is None:
             continue
         evaluators = cfg.get(name) or []
         for i, ev in enumerate(evaluators if isinstance(evaluators, list) else [evaluators]):
             ann = ev.get('ann_file') if isinstance(ev, dict) else None
             if ann and not _is_remote(ann) and not osp.isfile(ann):
                 where = f'{name}[{i}]' if isinstance(evaluators, list) else name
-                raise ConfigCheckError(
-                    f'{where}.ann_file: file {ann!r} does not exist; set it to the same annotation '
-                    f'file as the dataset (--cfg-options {where}.ann_file=PATH)'
+                problems.append(
+                    f'{where}.ann_file: annotation file {_shown(ann)} does not exist; set it to '
+                    f'the same annotation file as the dataset (--cfg-options {where}.ann_file=FILE)'
                 )
+    return problems
+
+
+def validate_config(cfg: Config, phases: tuple = ('train', 'val', 'test')) -> None:
+    """Check a config before a run: datasets, annotation files, MLLA types/archs, pretrained files.
+
+    Args:
+        cfg: A loaded config (after ``--cfg-options``).
+        phases: Which dataloaders are used (``'train'``, ``'val'``, ``'test'``).
+
+    Raises:
+        ConfigCheckError: Listing every problem found (:func:`config_problems`), each with the
+            config key, the value and the fix.
+    """
+    problems = config_problems(cfg, phases)
+    if problems:
+        raise ConfigCheckError(problems)
 
 
 # ------------------------------------------------------------------------------------------
@@ -326,7 +428,7 @@ def configure_train(cfg: Config, args) -> None:
         cfg.load_from = None
     elif args.resume is not None:
         if not osp.isfile(args.resume):
-            raise ConfigCheckError(f'--resume: checkpoint {args.resume!r} does not exist')
+            raise ConfigCheckError(f'--resume: checkpoint {_shown(args.resume)} does not exist')
         cfg.resume = True
         cfg.load_from = args.resume
 
@@ -349,7 +451,7 @@ def configure_test(cfg: Config, args, scope: str) -> None:
         scope: The config's library (from :func:`setup_scope`).
     """
     if not osp.isfile(args.checkpoint) and not _is_remote(args.checkpoint):
-        raise ConfigCheckError(f'checkpoint {args.checkpoint!r} does not exist')
+        raise ConfigCheckError(f'checkpoint {_shown(args.checkpoint)} does not exist')
     cfg.launcher = args.launcher
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or _default_work_dir(cfg)
     cfg.load_from = args.checkpoint
@@ -386,12 +488,343 @@ def configure_test(cfg: Config, args, scope: str) -> None:
         cfg.test_evaluator = evaluators
 
 
-def build_runner(cfg: Config):
-    """Build the Runner the config asks for (``runner_type``) or mmengine's default."""
+# ------------------------------------------------------------------------------------------
+# Runner, console output, threads and errors of the tools
+# ------------------------------------------------------------------------------------------
+# Log records kept out of the console (they still go to the log file in the work dir): the
+# environment report, the whole config, the hook order, and one line per parameter from the
+# optimiser's paramwise settings (hundreds for MLLA-T).
+_FILE_ONLY_PREFIXES = (
+    '\n' + '-' * 60 + '\nSystem environment:',
+    'Config:\n',
+    'paramwise_options -- ',
+    'Hooks will be executed in the following order',
+    'Distributed training is not used, all SyncBatchNorm',
+)
+# Warnings of the installed libraries about their own internals, not about the run.
+_FILE_ONLY_WARNINGS = (
+    '"FileClient" will be deprecated',
+    '"HardDiskBackend" is the alias of "LocalBackend"',
+    'The prefix is not set in metric class',
+)
+
+
+class ConsoleFilter(logging.Filter):
+    """Keep the details of a run (environment, config, hook order, paramwise lines) and the
+    libraries' deprecation notes off the console.
+
+    Other warnings and errors always pass; everything still reaches mmengine's log file.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        if record.levelno >= logging.WARNING:
+            return record.levelno >= logging.ERROR or not msg.startswith(_FILE_ONLY_WARNINGS)
+        return not msg.startswith(_FILE_ONLY_PREFIXES)
+
+
+class _LogFileStream(io.TextIOBase):
+    """A text stream that writes into the file of a ``logging.FileHandler``."""
+
+    def __init__(self, handler: logging.FileHandler) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.handler.acquire()
+        try:
+            if self.handler.stream is None:  # closed by the logger: nowhere to write
+                return len(text)
+            self.handler.stream.write(text)
+        finally:
+            self.handler.release()
+        return len(text)
+
+    def flush(self) -> None:
+        self.handler.flush()
+
+
+@contextlib.contextmanager
+def prints_to_log_file(logger: logging.Logger, verbose: bool = False) -> Iterator[None]:
+    """Send what libraries ``print`` during a run into the log file instead of the console.
+
+    pycocotools prints its progress and a 12-line table per metric ("loading annotations into
+    memory...", "Average Precision (AP) @[...]"); the metrics themselves reach the console
+    through mmengine's log line. Logging is not affected: mmengine's console handler holds the
+    real stdout.
+
+    Args:
+        logger: The runner's logger (its first file handler receives the output).
+        verbose: Leave stdout alone.
+    """
+    files = [h for h in logger.handlers if isinstance(h, logging.FileHandler)]
+    if verbose or not files:
+        yield
+        return
+    with contextlib.redirect_stdout(_LogFileStream(files[0])):
+        yield
+
+
+def quiet_console(logger: logging.Logger) -> None:
+    """Add :class:`ConsoleFilter` to the console handlers of ``logger`` (not its file handlers)."""
+    for handler in logger.handlers:
+        is_console = isinstance(handler, logging.StreamHandler) and not isinstance(
+            handler, logging.FileHandler
+        )
+        if is_console and not any(isinstance(f, ConsoleFilter) for f in handler.filters):
+            handler.addFilter(ConsoleFilter())
+
+
+@functools.cache
+def _quiet_runner_class() -> type:
+    from mmengine.runner import Runner
+
+    class QuietRunner(Runner):
+        """mmengine's Runner whose console shows progress, metrics and where the results are."""
+
+        def build_logger(self, log_level='INFO', log_file=None, **kwargs):
+            logger = super().build_logger(log_level=log_level, log_file=log_file, **kwargs)
+            quiet_console(logger)
+            path = log_file or osp.join(self._log_dir, f'{self.timestamp}.log')
+            logger.info(f'Work dir: {self._work_dir}; full log (config, environment): {path}')
+            return logger
+
+    return QuietRunner
+
+
+def build_runner(cfg: Config, verbose: bool = False):
+    """Build the Runner the config asks for (``runner_type``) or mmengine's default.
+
+    Args:
+        cfg: The complete config.
+        verbose: Also print the environment, the whole config and the paramwise settings to the
+            console (they always go to the log file in the work dir).
+    """
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
-    return RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    if 'runner_type' in cfg:
+        runner = RUNNERS.build(cfg)
+        if not verbose:
+            quiet_console(runner.logger)
+        return runner
+    return (Runner if verbose else _quiet_runner_class()).from_cfg(cfg)
+
+
+def silence_library_warnings() -> None:
+    """Hide warnings of the installed stack that say nothing about the user's run.
+
+    setuptools >= 70 warns that ``pkg_resources`` is deprecated each time mmengine looks up an
+    installed package with it (``mmdet::`` configs, scope checks): once per tool, or more.
+    Warnings about the user's run itself are left alone.
+    """
+    warnings.filterwarnings('ignore', message='pkg_resources is deprecated', category=UserWarning)
+    # mmengine's visualizer, built without a save_dir by the image demo, and drawing a box or
+    # mask outline that touches the image border (which it draws all the same)
+    # mmseg 1.2's notes on its own API and defaults, printed for every model it builds
+    for note in (
+        'Failed to add <class',
+        'Warning: The bbox is out of bounds',
+        'Warning: The polygon is out of bounds',
+        '``build_loss`` would be deprecated',
+        'Default ``avg_non_ignore`` is False',
+        'The draw is False',
+        '`reduce_zero_label` will be deprecated',
+    ):
+        warnings.filterwarnings('ignore', message=note, category=UserWarning)
+
+
+def default_threads(cores: int | None = None, load: float | None = None) -> int:
+    """How many intra-op threads the tools use when neither ``--threads`` nor OMP_NUM_THREADS
+    says: the cores that other processes leave idle (at least one).
+
+    OpenMP threads wait for each other at every operator, so a thread on a core that another
+    process keeps busy slows the whole run down (measured in docs/performance.md: on 2 cores
+    busy with other jobs, two threads were slower per training iteration than one), while on an
+    idle machine every core helps.
+
+    Args:
+        cores: CPU cores this process may run on (default: its affinity mask).
+        load: Runnable processes besides this one (default: the 1-minute load average).
+    """
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0.0
+    return max(1, min(int(cores or 1), int(cores or 1) - round(load)))
+
+
+def setup_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads: ``threads``, else OMP_NUM_THREADS, else
+    :func:`default_threads`.
+
+    Returns:
+        int: The number of threads in use.
+    """
+    if threads is not None:
+        if threads < 1:
+            raise ConfigCheckError(f'--threads {threads}: give a number of threads >= 1')
+        torch.set_num_threads(threads)
+    elif not os.environ.get('OMP_NUM_THREADS'):
+        torch.set_num_threads(default_threads())
+    return torch.get_num_threads()
+
+
+def add_common_args(parser) -> None:
+    """The flags every tool shares: ``--threads``, ``--verbose`` and ``--debug``."""
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=None,
+        help='CPU threads (default: OMP_NUM_THREADS, else the cores other processes leave idle)',
+    )
+    parser.add_argument(
+        '--verbose',
+        action='store_true',
+        help='also print the environment, the whole config and the parameter groups (they are '
+        'always in the log file of the work dir)',
+    )
+    parser.add_argument(
+        '--debug',
+        action='store_true',
+        help='show the traceback of an error (also with MLLA_MM_DEBUG=1)',
+    )
+
+
+def _user_error_types() -> tuple:
+    """Errors whose message is meant for the user: printed as they are, without a traceback."""
+    from mlla_mm import safe_load
+    from mlla_mm.inference import InputError
+
+    found = [ConfigCheckError, InputError, FileNotFoundError, ImportError]
+    corrupt = getattr(safe_load, 'CheckpointFileError', None)  # corrupt or truncated checkpoints
+    if isinstance(corrupt, type) and issubclass(corrupt, BaseException):
+        found.append(corrupt)
+    return tuple(found)
+
+
+@contextlib.contextmanager
+def user_errors(tool: str, debug: bool = False) -> Iterator[None]:
+    """Turn the package's user-facing errors into a message and exit status 2, no traceback.
+
+    Any other exception (a bug) keeps its traceback. With ``debug`` (or ``MLLA_MM_DEBUG=1``)
+    every error keeps its traceback.
+
+    Args:
+        tool: What to name in the message (e.g. ``'tools/test.py'``).
+        debug: Re-raise instead.
+    """
+    try:
+        yield
+    except _user_error_types() as e:
+        if debug or os.environ.get('MLLA_MM_DEBUG', '') not in ('', '0'):
+            raise
+        if isinstance(e, ImportError) and not str(e).startswith('mlla_mm needs'):
+            raise  # not a missing optional library (mlla_mm.utils.require): a broken install
+        print(f'{tool}: error: {str(e) or type(e).__name__}', file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# ------------------------------------------------------------------------------------------
+# A checkpoint against the model it is loaded into
+# ------------------------------------------------------------------------------------------
+def _unwrap(model):
+    from mmengine.model import BaseTTAModel, is_model_wrapper
+
+    while is_model_wrapper(model) or isinstance(model, BaseTTAModel):
+        model = model.module
+    return model
+
+
+def _group(keys: list[str], limit: int = 6) -> str:
+    """``'decode_head.* (12 keys, e.g. decode_head.conv_seg.weight), neck.* (...)'``."""
+    groups: dict[str, list[str]] = {}
+    for k in sorted(keys):
+        groups.setdefault(k.split('.')[0], []).append(k)
+    parts = [
+        f'{top}.* ({len(ks)} key{"s" if len(ks) > 1 else ""}, e.g. {ks[0]})'
+        if len(ks) > 1 or ks[0] != top
+        else top
+        for top, ks in groups.items()
+    ]
+    more = f' and {len(parts) - limit} more groups' if len(parts) > limit else ''
+    return ', '.join(parts[:limit]) + more
+
+
+def checkpoint_problems(model, state_dict: dict) -> list[str]:
+    """What keeps ``state_dict`` from filling ``model``: missing weights and shape mismatches.
+
+    Keys are compared as mmengine loads them: wrappers (DDP, test-time augmentation) are looked
+    through, a leading ``module.`` is stripped, and BatchNorm's ``num_batches_tracked`` counters
+    are not required. Keys the model does not have are only named (as a hint to the
+    checkpoint's origin); they do not count as a problem by themselves.
+
+    Args:
+        model: The built model (``runner.model``).
+        state_dict: The checkpoint's ``state_dict``.
+
+    Returns:
+        list[str]: Empty if every weight of the model is in the checkpoint with its shape.
+    """
+    own = {
+        k: v.shape
+        for k, v in _unwrap(model).state_dict().items()
+        if not k.endswith('num_batches_tracked')
+    }
+    theirs = {re.sub(r'^module\.', '', k): getattr(v, 'shape', None) for k, v in state_dict.items()}
+    missing = [k for k in own if k not in theirs]
+    shapes = [
+        f'{k}: {tuple(theirs[k])} in the checkpoint, {tuple(own[k])} in the model'
+        for k in own
+        if k in theirs and theirs[k] is not None and tuple(theirs[k]) != tuple(own[k])
+    ]
+    problems = []
+    if missing:
+        extra = [k for k in theirs if k not in own and not k.endswith('num_batches_tracked')]
+        problems.append(
+            f"it lacks {len(missing)} of the model's {len(own)} weights: {_group(missing)}"
+            + (f'; it holds weights this model does not have: {_group(extra)}' if extra else '')
+        )
+    if shapes:
+        more = f' and {len(shapes) - 5} more' if len(shapes) > 5 else ''
+        problems.append(f'{len(shapes)} weights differ in shape: ' + '; '.join(shapes[:5]) + more)
+    return problems
+
+
+def check_checkpoint(model, checkpoint: str) -> None:
+    """Refuse a checkpoint that would leave part of ``model`` untrained (e.g. another task's).
+
+    mmengine loads checkpoints with ``strict=False`` and only logs missing keys, so a detector
+    checkpoint on a segmentation config would be evaluated with a random decode head.
+
+    Args:
+        model: The built model.
+        checkpoint: Path or URL of the checkpoint.
+
+    Raises:
+        CheckpointMismatchError: Naming the missing keys (grouped by module), the shape
+            mismatches, and what to do.
+    """
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    ckpt = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
+    state_dict = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state_dict, dict):
+        raise CheckpointMismatchError(
+            f'checkpoint {_shown(checkpoint)} holds a {type(ckpt).__name__}, not a state dict'
+        )
+    problems = checkpoint_problems(model, state_dict)
+    if problems:
+        raise CheckpointMismatchError(
+            f'checkpoint {_shown(checkpoint)} does not fit the model of this config: '
+            + '; '.join(problems)
+            + '. Test it with the config it was trained with (a detector, segmentor and '
+            'classifier checkpoint each fit only their own kind of model), or pass '
+            '--skip-checkpoint-check to evaluate anyway'
+        )
 
 
 def local_rank_env(local_rank: int | None) -> None:

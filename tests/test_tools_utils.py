@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,8 +17,15 @@ pytest.importorskip('mmdet')
 
 from mlla_mm.tools_utils import (  # noqa: E402
     ConfigCheckError,
+    ConsoleFilter,
+    checkpoint_problems,
+    config_problems,
     configure_train,
+    default_threads,
+    quiet_console,
     setup_scope,
+    setup_threads,
+    user_errors,
     validate_config,
 )
 from mlla_mm.toy_coco import make_toy_coco  # noqa: E402
@@ -178,3 +186,188 @@ def test_train_tool_fails_fast_with_the_config_key(toy_root, tmp_path):
     assert "model.backbone.arch: Unknown MLLA arch 'huge'" in proc.stderr
     assert 'Traceback' not in proc.stderr and not work.exists()
     assert time.monotonic() - start < 60
+
+
+# ------------------------------------------------------------------------------------------
+# All problems at once, the right fix for each, relative paths, unscoped types
+# ------------------------------------------------------------------------------------------
+def test_every_problem_is_reported_at_once(toy_root, tmp_path):
+    cfg = _toy_cfg(toy_root)
+    cfg.model.backbone.arch = 'huge'
+    cfg.train_dataloader.dataset.ann_file = 'annotations/missing_train.json'
+    cfg.val_dataloader.dataset.data_prefix = dict(img='no_val_images/')
+    cfg.val_evaluator.ann_file = str(tmp_path / 'missing_val.json')
+    with pytest.raises(ConfigCheckError) as err:
+        validate_config(cfg, phases=('train', 'val'))
+    problems = err.value.problems
+    assert len(problems) == 4, problems
+    text = str(err.value)
+    assert text.startswith('4 problems:')
+    for key in (
+        'model.backbone.arch',
+        'train_dataloader.dataset.ann_file',
+        'val_dataloader.dataset.data_prefix.img',
+        'val_evaluator.ann_file',
+    ):
+        assert sum(p.startswith(key) for p in problems) == 1, (key, problems)
+
+
+def test_each_problem_names_its_own_fix(toy_root):
+    cfg = _toy_cfg(toy_root)
+    cfg.train_dataloader.dataset.ann_file = 'annotations/missing_train.json'
+    (problem,) = config_problems(cfg, phases=('train',))
+    # The data root exists: the fix is the annotation file, not data_root.
+    assert '--cfg-options train_dataloader.dataset.ann_file=FILE' in problem
+    assert 'data_root=PATH' not in problem
+    assert f"relative to train_dataloader.dataset.data_root='{toy_root}/'" in problem
+    cfg = _toy_cfg(toy_root)
+    cfg.train_dataloader.dataset.data_prefix = dict(img='nothing/')
+    (problem,) = config_problems(cfg, phases=('train',))
+    assert '--cfg-options train_dataloader.dataset.data_prefix.img=FOLDER' in problem
+    # A missing data root is one problem (not one more per path below it), with its own fix.
+    cfg = _toy_cfg(toy_root)
+    cfg.train_dataloader.dataset.data_root = '/no/such/root/'
+    (problem,) = config_problems(cfg, phases=('train',))
+    assert '--cfg-options train_dataloader.dataset.data_root=PATH' in problem
+
+
+def test_relative_paths_say_what_they_resolve_to(toy_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _toy_cfg(toy_root)
+    cfg.train_dataloader.dataset.data_root = 'data/my_coco/'
+    (problem,) = config_problems(cfg, phases=('train',))
+    resolved = str(tmp_path / 'data' / 'my_coco')
+    assert f"'data/my_coco/' (relative to the current folder: {resolved}" in problem
+    cfg = _toy_cfg(toy_root)
+    cfg.model.backbone.init_cfg = dict(type='Pretrained', checkpoint='checkpoints/MLLA_T.pth')
+    (problem,) = config_problems(cfg, phases=('train',))
+    assert str(tmp_path / 'checkpoints' / 'MLLA_T.pth') in problem
+    # absolute paths are shown as they are
+    cfg.model.backbone.init_cfg.checkpoint = '/abs/MLLA_T.pth'
+    (problem,) = config_problems(cfg, phases=('train',))
+    assert "'/abs/MLLA_T.pth' does not exist" in problem
+
+
+@pytest.mark.parametrize('config', ['mask_rcnn_mlla_t_toy.py', 'upernet_mlla_t_toy.py'])
+def test_unscoped_mlla_type_is_refused_before_building(config):
+    pytest.importorskip('mmseg')
+    cfg = Config.fromfile(str(ROOT / 'configs' / 'toy' / config))
+    scope = setup_scope(cfg)
+    cfg.model.backbone.type = 'MLLA'
+    problems = config_problems(cfg, phases=('test',))
+    (problem,) = [p for p in problems if p.startswith('model.backbone.type')]
+    assert f"'MLLA' without a scope is not in the {scope} model registry" in problem
+    assert "write type='mlla_mm.MLLA'" in problem
+    # ... which is what the library would otherwise fail with, after loading everything
+    registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
+    with pytest.raises(KeyError, match='not in the'):
+        registry.build(dict(type='MLLA'))
+    cfg.model.backbone.type = 'mlla_mm.MLLA'
+    assert not [p for p in config_problems(cfg, phases=('test',)) if 'backbone.type' in p]
+
+
+# ------------------------------------------------------------------------------------------
+# A checkpoint against the model (tools/test.py refuses one that lacks part of the model)
+# ------------------------------------------------------------------------------------------
+def _tiny_model(config: str):
+    cfg = Config.fromfile(str(ROOT / 'configs' / 'toy' / config))
+    scope = setup_scope(cfg)
+    cfg.model.backbone.arch = dict(embed_dims=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+    if scope == 'mmdet':
+        cfg.model.neck.in_channels = [16, 32, 64, 128]
+    else:
+        cfg.model.decode_head.in_channels = [16, 32, 64, 128]
+        cfg.model.auxiliary_head.in_channels = 64
+    registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
+    return registry.build(cfg.model)
+
+
+def test_checkpoint_problems_name_the_missing_heads():
+    pytest.importorskip('mmseg')
+    det, seg = _tiny_model('mask_rcnn_mlla_t_toy.py'), _tiny_model('upernet_mlla_t_toy.py')
+    assert checkpoint_problems(seg, seg.state_dict()) == []
+    # DDP / runner checkpoints may prefix every key with 'module.'
+    assert checkpoint_problems(seg, {f'module.{k}': v for k, v in seg.state_dict().items()}) == []
+    (problem,) = checkpoint_problems(seg, det.state_dict())
+    assert 'decode_head.* (' in problem and 'auxiliary_head.* (' in problem
+    assert 'backbone' not in problem.split('; it holds')[0]  # the backbone is there
+    assert 'roi_head.*' in problem.split('; it holds')[1]  # a hint to the checkpoint's origin
+    state = seg.state_dict()
+    state['decode_head.conv_seg.weight'] = state['decode_head.conv_seg.weight'][:2]
+    (problem,) = checkpoint_problems(seg, state)
+    assert 'decode_head.conv_seg.weight: (2, 128, 1, 1) in the checkpoint, (4, 128' in problem
+
+
+# ------------------------------------------------------------------------------------------
+# Threads, console output and errors of the tools
+# ------------------------------------------------------------------------------------------
+def test_default_threads_leave_busy_cores_alone():
+    assert default_threads(cores=2, load=0.2) == 2  # idle: every core
+    assert default_threads(cores=2, load=1.0) == 1
+    assert default_threads(cores=2, load=4.5) == 1  # busier than the machine: one thread
+    assert default_threads(cores=16, load=3.4) == 13
+    assert 1 <= default_threads() <= (os.cpu_count() or 1)
+
+
+def test_setup_threads(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert setup_threads(1) == 1
+        monkeypatch.setenv('OMP_NUM_THREADS', '1')
+        torch.set_num_threads(2)
+        assert setup_threads(None) == 2  # OMP_NUM_THREADS set: torch's own setting is kept
+        with pytest.raises(ConfigCheckError, match='--threads 0'):
+            setup_threads(0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_console_filter_keeps_details_in_the_log_file(tmp_path):
+    import io
+    import logging
+
+    logger = logging.getLogger('mlla_mm_test_console_filter')
+    logger.setLevel(logging.INFO)
+    console, log_file = io.StringIO(), tmp_path / 'run.log'
+    logger.handlers = [logging.StreamHandler(console), logging.FileHandler(log_file)]
+    quiet_console(logger)
+    quiet_console(logger)  # idempotent
+    logger.info('Config:\nmodel = dict(...)')
+    logger.info('paramwise_options -- backbone.norm0.weight:weight_decay=0.0')
+    logger.info('Iter(train) [10/250]  lr: 2.0e-04  loss: 1.2')
+    logger.warning('Config: a warning always shows')
+    for h in logger.handlers:
+        h.flush()
+    shown = console.getvalue().splitlines()
+    assert shown == [
+        'Iter(train) [10/250]  lr: 2.0e-04  loss: 1.2',
+        'Config: a warning always shows',
+    ]
+    kept = log_file.read_text()
+    assert 'model = dict' in kept and 'paramwise_options' in kept
+    assert sum(isinstance(f, ConsoleFilter) for f in logger.handlers[0].filters) == 1
+
+
+def test_user_errors_print_one_message_and_exit_2(capsys, monkeypatch):
+    from mlla_mm.safe_load import CheckpointFileError
+
+    monkeypatch.delenv('MLLA_MM_DEBUG', raising=False)
+    for error in (
+        ConfigCheckError(['first problem', 'second problem']),
+        CheckpointFileError("Checkpoint 'x.pth' is corrupt or truncated"),
+        FileNotFoundError("image 'a.png' does not exist"),
+    ):
+        with pytest.raises(SystemExit) as stop, user_errors('tools/x.py'):
+            raise error
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith('tools/x.py: error: ') and 'Traceback' not in err
+    with pytest.raises(ConfigCheckError), user_errors('tools/x.py', debug=True):
+        raise ConfigCheckError('shown with its traceback')
+    monkeypatch.setenv('MLLA_MM_DEBUG', '1')
+    with pytest.raises(ConfigCheckError), user_errors('tools/x.py'):
+        raise ConfigCheckError('shown with its traceback')
+    with pytest.raises(RuntimeError), user_errors('tools/x.py'):
+        raise RuntimeError('a bug keeps its traceback')

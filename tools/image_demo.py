@@ -1,37 +1,87 @@
-"""Run a detector, segmentor or classifier (top-5 classes) on one image and draw the result.
+"""Run a detector, segmentor or classifier on images and draw the results.
 
-    python tools/image_demo.py IMG CONFIG CHECKPOINT --out-file OUT.png [--device cpu]
-        [--score-thr 0.3] [--opacity 0.5]
+    python tools/image_demo.py IMG_OR_FOLDER CONFIG CHECKPOINT [--out-file OUT.png]
+        [--out-dir DIR] [--device cpu] [--batch-size 1] [--score-thr 0.3] [--opacity 0.5]
+        [--topk 5] [--cfg-options key=value ...] [--threads N] [--debug]
 
-The task comes from the config's ``default_scope`` (see mlla_mm/inference.py).
+The task comes from the config's ``default_scope``; the model is built once
+(``mlla_mm.MLLAInferencer``) and run on the image, or on every image of a folder. Prints what was
+found as JSON (one object for an image, a list for a folder).
 """
 
 import argparse
 import json
+import os.path as osp
 
-from mlla_mm.inference import inference_image
+from mmengine.config import DictAction
+
+from mlla_mm.inference import InputError, MLLAInferencer, read_images, summarise
+from mlla_mm.tools_utils import (
+    add_common_args,
+    setup_threads,
+    silence_library_warnings,
+    user_errors,
+)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description='Inference on one image')
-    parser.add_argument('img', help='image file')
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Inference on an image or a folder of images')
+    parser.add_argument('img', help='image file, or a folder of images')
     parser.add_argument('config', help='config file')
     parser.add_argument('checkpoint', help='checkpoint file')
-    parser.add_argument('--out-file', required=True, help='drawing of the result (PNG)')
+    parser.add_argument('--out-file', help='drawing of the result of one image (PNG/JPEG)')
+    parser.add_argument('--out-dir', help='folder for the drawings (one per image)')
     parser.add_argument('--device', default='cpu')
+    parser.add_argument('--batch-size', type=int, default=1, help='images per forward pass')
     parser.add_argument('--score-thr', type=float, default=0.3, help='detection score threshold')
     parser.add_argument('--opacity', type=float, default=0.5, help='segmentation overlay opacity')
-    args = parser.parse_args(argv)
-    result = inference_image(
-        args.config,
-        args.checkpoint,
-        args.img,
-        args.out_file,
-        args.device,
-        score_thr=args.score_thr,
-        opacity=args.opacity,
-    )
-    print(json.dumps(result, indent=1))
+    parser.add_argument('--topk', type=int, default=5, help='classification: classes to report')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config keys')
+    add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def _json(found, pad: str = '') -> str:
+    """JSON with one line per detection / class, for people to read (and still JSON)."""
+    if isinstance(found, list):
+        return '[\n' + ',\n'.join(_json(f, ' ') for f in found) + '\n]'
+    items = []
+    for key, value in found.items():
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            rows = ',\n'.join(f'{pad}  {json.dumps(v)}' for v in value)
+            items.append(f'{pad} {json.dumps(key)}: [\n{rows}\n{pad} ]')
+        else:
+            items.append(f'{pad} {json.dumps(key)}: {json.dumps(value)}')
+    return f'{pad}{{\n' + ',\n'.join(items) + f'\n{pad}}}'
+
+
+def main(argv=None) -> list | dict:
+    args = parse_args(argv)
+    silence_library_warnings()
+    with user_errors('tools/image_demo.py', args.debug):
+        if args.out_file and osp.isdir(args.img):
+            raise InputError(
+                f'{args.img!r} is a folder: draw its images with --out-dir DIR, not --out-file'
+            )
+        if args.topk < 1 or args.batch_size < 1:
+            raise InputError('--topk and --batch-size must be at least 1')
+        setup_threads(args.threads)
+        read_images(args.img)  # a missing or unreadable image fails before the model is built
+        inferencer = MLLAInferencer(
+            args.config, args.checkpoint, device=args.device, cfg_options=args.cfg_options
+        )
+        results = inferencer(
+            args.img,
+            batch_size=args.batch_size,
+            score_thr=args.score_thr,
+            topk=args.topk,
+            out_file=args.out_file,
+            out_dir=args.out_dir,
+            opacity=args.opacity,
+        )
+    found = [summarise(r) for r in results] if isinstance(results, list) else summarise(results)
+    print(_json(found))
+    return found
 
 
 if __name__ == '__main__':

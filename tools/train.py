@@ -1,25 +1,32 @@
 """Train a detector, segmentor or classifier from an mmdet / mmseg / mmpretrain config.
 
     python tools/train.py configs/mask_rcnn_mlla_t.py [--work-dir DIR] [--resume [CKPT]] [--amp]
-        [--cfg-options key=value ...] [--launcher {none,pytorch,slurm}]
+        [--cfg-options key=value ...] [--launcher {none,pytorch,slurm}] [--threads N]
+        [--verbose] [--debug]
 
 The library comes from the config's ``default_scope``; the config is checked (datasets,
-annotation files, MLLA arch, pretrained checkpoint) before anything is built.
+annotation files, MLLA type and arch, pretrained checkpoint) before anything is built, and every
+problem found is listed with its fix. The console shows progress, metrics and where the results
+are; the whole config, the environment and the parameter groups go to the log file in the work
+dir (``--verbose`` prints them too).
 """
 
 import argparse
 import os
-import sys
 
 from mmengine.config import Config, DictAction
 
 from mlla_mm.tools_utils import (
-    ConfigCheckError,
+    add_common_args,
     build_runner,
     configure_train,
     local_rank_env,
+    prints_to_log_file,
     setup_cpu_distributed,
     setup_scope,
+    setup_threads,
+    silence_library_warnings,
+    user_errors,
     validate_config,
 )
 
@@ -47,24 +54,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=None)
+    add_common_args(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    silence_library_warnings()
     local_rank_env(args.local_rank)
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    try:
+    with user_errors('tools/train.py', args.debug):
+        setup_threads(args.threads)
+        cfg = Config.fromfile(args.config)
+        if args.cfg_options:
+            cfg.merge_from_dict(args.cfg_options)
         setup_scope(cfg)
         configure_train(cfg, args)
         validate_config(cfg, phases=('train', 'val'))
         setup_cpu_distributed(cfg, args.launcher)
-    except ConfigCheckError as e:
-        sys.exit(f'{args.config}: {e}')
-    os.makedirs(cfg.work_dir, exist_ok=True)
-    build_runner(cfg).train()
+        os.makedirs(cfg.work_dir, exist_ok=True)
+        runner = build_runner(cfg, verbose=args.verbose)
+    with prints_to_log_file(runner.logger, args.verbose):
+        runner.train()
+    runner.logger.info(f'Checkpoints and logs are in {os.path.abspath(cfg.work_dir)}')
 
 
 if __name__ == '__main__':

@@ -129,3 +129,35 @@ def test_missing_dataset_fails_before_building(trained, tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0
     assert 'does not exist' in proc.stderr and 'make_toy_ade20k' in proc.stderr, proc.stderr[-2000:]
+
+
+def test_test_refuses_a_checkpoint_without_the_models_heads(trained, tmp_path):
+    """Issue 11.5: a detector checkpoint on a segmentation config was evaluated (mIoU 2.07, exit
+    0) with a random decode head; tools/test.py now refuses it and names what is missing."""
+    import torch
+    from mmengine.config import Config
+
+    from mlla_mm.tools_utils import setup_scope
+
+    det_cfg = Config.fromfile(str(ROOT / 'configs' / 'toy' / 'mask_rcnn_mlla_t_toy.py'))
+    setup_scope(det_cfg)
+    det_cfg.model.backbone.arch = dict(embed_dims=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))
+    det_cfg.model.neck.in_channels = [32, 64, 128, 256]
+    from mmdet.registry import MODELS
+
+    detector = MODELS.build(det_cfg.model)  # random weights: only the keys matter
+    ckpt = tmp_path / 'detector.pth'
+    torch.save(dict(state_dict=detector.state_dict(), meta=dict()), ckpt)
+    proc = run('tools/test.py', trained['config'], ckpt, '--work-dir', tmp_path, check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    err = proc.stderr
+    assert 'Traceback' not in err and 'mIoU' not in proc.stdout
+    assert 'does not fit the model of this config' in err
+    assert 'decode_head.* (' in err and 'auxiliary_head.* (' in err  # the missing keys, by prefix
+    assert 'roi_head.*' in err  # and what the checkpoint holds instead
+    # The escape hatch evaluates anyway (the heads stay random).
+    proc = run(
+        'tools/test.py', trained['config'], ckpt, '--work-dir', tmp_path,
+        '--skip-checkpoint-check',
+    )  # fmt: skip
+    assert 0.0 <= miou(proc) <= 100.0

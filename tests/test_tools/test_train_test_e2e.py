@@ -20,6 +20,14 @@ def test_train_checkpoint_test_and_image_demo(toy_coco, tmp_path):
     train = run_tool('tools/train.py', cfg, '--work-dir', work)
     log = train.stdout + train.stderr
     assert 'Iter(train) [4/4]' in log and 'coco/bbox_mAP_50' in log  # trained, then validated
+    # The console shows progress, metrics and where the results are; the config, environment
+    # and per-parameter lines only go to mmengine's log file in the work dir.
+    (log_file,) = work.glob('*/*.log')
+    assert f'full log (config, environment): {log_file}' in log
+    for detail in ('paramwise_options --', 'Config:\n', 'System environment:'):
+        assert detail not in log and detail in log_file.read_text(), detail
+    assert 'pkg_resources is deprecated' not in log
+    assert len(log.splitlines()) < 60, log
 
     # The checkpoint loads with torch.load's default weights_only=True (import mlla_mm
     # allow-lists the types mmengine stores), and holds what --resume needs.
@@ -53,8 +61,40 @@ def test_train_checkpoint_test_and_image_demo(toy_coco, tmp_path):
     assert drawn.shape == src.shape
     assert np.array_equal(drawn, src) == (not found['detections'])  # boxes drawn, if any
 
+    # A folder: every image, drawn into --out-dir, a JSON list; --cfg-options reaches the model
+    vis = tmp_path / 'vis'
+    demo = run_tool(
+        'tools/image_demo.py', toy_coco / 'val', cfg, ckpt, '--out-dir', vis, '--batch-size', 2,
+        '--cfg-options', 'model.test_cfg.rcnn.max_per_img=1', '--score-thr', '0.0',
+    )  # fmt: skip
+    found = json.loads(demo.stdout[demo.stdout.index('[\n {') :])
+    assert [f['img_path'] for f in found] == sorted(str(p) for p in (toy_coco / 'val').iterdir())
+    assert sorted(p.name for p in vis.iterdir()) == sorted(
+        p.name for p in (toy_coco / 'val').iterdir()
+    )
+    assert all(len(f['detections']) <= 1 for f in found)
+
+
+def test_image_demo_errors_are_one_line(toy_coco, tmp_path):
+    cfg = write_det_config(tmp_path / 'toy_tiny.py', toy_coco)
+    text = tmp_path / 'notes.txt'
+    text.write_text('not an image')
+    for img, expected in (
+        (tmp_path / 'missing.png', "missing.png' does not exist"),
+        (text, "notes.txt' is not an image OpenCV can decode"),
+    ):
+        proc = run_tool(
+            'tools/image_demo.py', img, cfg, tmp_path / 'any.pth', '--out-file', 'x.png',
+            check=False,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert 'Traceback' not in proc.stderr and 'cv2.error' not in proc.stderr
+        first = proc.stderr.strip().splitlines()[0]
+        assert first.startswith('tools/image_demo.py: error: ') and expected in first
+
 
 def test_test_tool_rejects_a_missing_checkpoint(toy_coco, tmp_path):
     cfg = write_det_config(tmp_path / 'toy_tiny.py', toy_coco)
     proc = run_tool('tools/test.py', cfg, tmp_path / 'nope.pth', check=False)
-    assert proc.returncode != 0 and 'nope.pth' in proc.stderr and 'does not exist' in proc.stderr
+    assert proc.returncode == 2 and 'nope.pth' in proc.stderr and 'does not exist' in proc.stderr
+    assert 'Traceback' not in proc.stderr
