@@ -13,9 +13,9 @@ cross-entropy ``mean_b sum_k -softmax(t_b)_k * log_softmax(s_b)_k``.
 
 Here it is two pieces that a config selects:
 
-* :class:`MESAImageClassifier`, mmpretrain's ``ImageClassifier`` whose ``loss`` adds that term
-  as ``loss_mesa`` while a teacher is attached (and is a plain ``ImageClassifier`` otherwise; its
-  state dict is the same);
+* :class:`MESAImageClassifier`, mmpretrain's ``ImageClassifier`` (same arguments, same state
+  dict) whose ``loss`` returns the label term as ``loss_cls`` and, while a teacher is attached,
+  that term as ``loss_mesa``;
 * :class:`MESAHook`, which attaches the ``EMAHook``'s averaged model as the teacher from the
   start epoch on.
 
@@ -41,7 +41,9 @@ from mmpretrain.models import ImageClassifier  # noqa: E402
 __all__ = ['MESAHook', 'MESAImageClassifier', 'mesa_loss']
 
 
-def mesa_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ratio: float):
+def mesa_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, ratio: float
+) -> torch.Tensor:
     """``ratio`` times the soft-target cross-entropy of the student against the teacher.
 
     ``ratio * mean_b sum_k -softmax(teacher)_bk * log_softmax(student)_bk``, in float32 (as
@@ -113,7 +115,8 @@ class MESAImageClassifier(ImageClassifier):
         losses = self.head._get_loss(cls_score, data_samples)
         # mmengine logs the total of every '*loss*' entry as 'loss'; a head entry named 'loss'
         # would overwrite it in the log.
-        losses['loss_cls'] = losses.pop('loss')
+        if 'loss' in losses:
+            losses['loss_cls'] = losses.pop('loss')
         if teacher_logits is not None:
             losses['loss_mesa'] = mesa_loss(cls_score, teacher_logits, self._mesa[1])
         return losses

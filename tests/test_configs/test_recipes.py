@@ -37,16 +37,23 @@ def official_checkpoint(tmp_path_factory) -> tuple[Path, dict]:
 
 
 @pytest.mark.parametrize(
-    'name,mapped',
-    [('mask_rcnn_mlla_t.py', False), ('upernet_mlla_t.py', False), ('mlla_t_in1k.py', True)],
+    'name,options,mapped',
+    [
+        ('mask_rcnn_mlla_t.py', {}, False),
+        ('upernet_mlla_t.py', {}, False),
+        ('mlla_t_in1k.py', {}, True),
+        # docs/recipes.md: opting into the mapping for a downstream config.
+        ('mask_rcnn_mlla_t.py', {'model.backbone.map_cls_norm': True}, True),
+    ],
 )
-def test_norm3_starts_as_the_official_code_starts_it(name, mapped, official_checkpoint):
+def test_norm3_starts_as_the_official_code_starts_it(name, options, mapped, official_checkpoint):
     """Detection/segmentation: norm3 fresh (official strict=False load); classification: the
     classifier's final norm (what reproduces the official logits)."""
     if name.startswith('mlla_'):
         pytest.importorskip('mmpretrain')
     path, state = official_checkpoint
-    cfg = Config.fromfile(str(CONFIGS / name)) if mapped else _config(name)
+    cfg = Config.fromfile(str(CONFIGS / name)) if name.startswith('mlla_') else _config(name)
+    cfg.merge_from_dict(options)
     backbone_cfg = cfg.model.backbone
     backbone_cfg.init_cfg = dict(type='Pretrained', checkpoint=str(path))
     backbone = MODELS.build(backbone_cfg)
