@@ -53,6 +53,8 @@ __all__ = [
     'onnx_ops',
     'onnx_session',
     'paste_masks',
+    'resize_for_test',
+    'to_original_size',
 ]
 
 OUTPUT_NAMES = ('boxes', 'scores', 'labels', 'mask_probs', 'masks')
@@ -219,7 +221,8 @@ class MaskRCNNGraph(nn.Module):
 
     * ``boxes`` (N, 4) float32, x1 y1 x2 y2 in input pixels (mmdet's ``rescale=False``);
     * ``scores`` (N,) float32, ``labels`` (N,) int64;
-    * ``mask_probs`` (N, 28, 28) float32, the mask head's probabilities of each detection's class;
+    * ``mask_probs`` (N, 28, 28) float32, the mask head's probabilities of each detection's class
+      (``mask_size``);
     * ``masks`` (N, H, W) bool, pasted at the input size and thresholded at ``mask_thr_binary``
       (when ``paste_masks``; with ``paste_masks=False`` the output is left out).
 
@@ -280,6 +283,8 @@ class MaskRCNNGraph(nn.Module):
         self.mask_thr = float(rcnn_cfg.mask_thr_binary)
         _check(self.mask_thr >= 0, 'test_cfg.rcnn.mask_thr_binary must be >= 0')
         _check(type(self.mask_head).__name__ == 'FCNMaskHead', 'mask_head must be FCNMaskHead')
+        up = self.mask_head.scale_factor if self.mask_head.upsample_method else 1
+        self.mask_size = tuple(int(s * up) for s in self.mask_head.roi_feat_size)  # (28, 28)
 
         # RoI extractors
         self.bbox_rois = _roi_layers(roi.bbox_roi_extractor, 'bbox_roi_extractor')
@@ -432,6 +437,34 @@ def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, img_h, img_w, threshol
     return pasted >= threshold
 
 
+def to_original_size(outputs: dict, ori_shape: Sequence[int], threshold: float = 0.5) -> dict:
+    """Boxes and masks of the graph's outputs at the original image size, as mmdet's
+    ``predict(rescale=True)`` gives them: boxes divided by the ``Resize`` scale factor, masks
+    pasted from ``mask_probs`` at the original size (not the input-size ``masks`` resized).
+
+    Args:
+        outputs: The graph's outputs by name (numpy arrays or tensors), from an input of size
+            ``outputs['masks'].shape[1:]`` or, without ``masks``, pass ``input_shape`` in
+            ``outputs['input_shape']``.
+        ori_shape: (H, W) of the image before the test pipeline's ``Resize``.
+        threshold: ``test_cfg.rcnn.mask_thr_binary``.
+
+    Returns:
+        dict: ``boxes`` (N, 4) float32 and ``masks`` (N, H, W) bool numpy arrays, ``scores`` and
+        ``labels`` as given.
+    """
+    in_h, in_w = outputs['input_shape'] if 'input_shape' in outputs else outputs['masks'].shape[1:]
+    ori_h, ori_w = ori_shape
+    scale = torch.tensor([in_w / ori_w, in_h / ori_h], dtype=torch.float32).repeat(1, 2)
+    boxes = torch.as_tensor(np.asarray(outputs['boxes'])) / scale
+    probs = torch.as_tensor(np.asarray(outputs['mask_probs']))
+    return dict(
+        boxes=boxes.numpy(), scores=np.asarray(outputs['scores']),
+        labels=np.asarray(outputs['labels']),
+        masks=paste_masks(probs, boxes, ori_h, ori_w, threshold).numpy(),
+    )  # fmt: skip
+
+
 def _paste_weights(pixels, lo, hi, size, cells: int) -> torch.Tensor:
     """(N, len(pixels), cells) bilinear weights of the mask cells at the pixel centres."""
     coord = pixels.to(torch.float32) + 0.5
@@ -483,7 +516,22 @@ def export_detector_onnx(
             graph, (image,), str(out_file), dynamo=False, opset_version=opset,
             input_names=['image'], output_names=names, dynamic_axes=axes,
         )  # fmt: skip
+    _set_static_dims(out_file, dict(boxes=(1, (4,)), mask_probs=(1, graph.mask_size)))
     return names
+
+
+def _set_static_dims(onnx_file, dims: dict) -> None:
+    """Write the fixed output dims the exporter's shape inference lost (e.g. boxes (N, 4))."""
+    onnx = require('onnx', 'ONNX export')
+    proto = onnx.load(str(onnx_file))
+    for value in proto.graph.output:
+        if value.name in dims:
+            start, sizes = dims[value.name]
+            for i, size in enumerate(sizes):
+                dim = value.type.tensor_type.shape.dim[start + i]
+                dim.Clear()
+                dim.dim_value = size
+    onnx.save(proto, str(onnx_file))
 
 
 def onnx_ops(onnx_file: str | os.PathLike) -> dict[str, int]:
@@ -516,12 +564,16 @@ def onnx_session(onnx_file: str | os.PathLike, threads: int = 0):
 # --------------------------------------------------------------------------------------------
 # Verification against mmdet
 # --------------------------------------------------------------------------------------------
-def mmdet_predict(detector: nn.Module, image: np.ndarray) -> dict[str, np.ndarray]:
-    """mmdet's own inference (``data_preprocessor`` then ``predict(rescale=False)``) on one image.
+def mmdet_predict(
+    detector: nn.Module, image: np.ndarray, ori_shape: Sequence[int] | None = None
+) -> dict[str, np.ndarray]:
+    """mmdet's own inference (``data_preprocessor`` then ``predict``) on one image.
 
     Args:
         detector: The mmdet detector, eval mode.
         image: (H, W, 3) uint8, as the test pipeline gives it after ``Resize`` (BGR for mmcv).
+        ori_shape: (H, W) before ``Resize``: results at that size (``predict(rescale=True)``,
+            with ``Resize``'s scale factor); without it, at the input size (``rescale=False``).
 
     Returns:
         dict: ``boxes`` (N, 4), ``scores`` (N,), ``labels`` (N,), ``masks`` (N, H, W) bool.
@@ -529,17 +581,21 @@ def mmdet_predict(detector: nn.Module, image: np.ndarray) -> dict[str, np.ndarra
     from mmdet.structures import DetDataSample
 
     h, w = image.shape[:2]
+    ori_h, ori_w = (h, w) if ori_shape is None else ori_shape
     sample = DetDataSample(
-        metainfo=dict(img_shape=(h, w), ori_shape=(h, w), scale_factor=(1.0, 1.0))
+        metainfo=dict(
+            img_shape=(h, w), ori_shape=(ori_h, ori_w), scale_factor=(w / ori_w, h / ori_h)
+        )
     )
     inputs = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
     with torch.no_grad():
         data = detector.data_preprocessor({'inputs': [inputs], 'data_samples': [sample]}, False)
-        result = detector.predict(data['inputs'], data['data_samples'], rescale=False)[0]
+        rescale = ori_shape is not None
+        result = detector.predict(data['inputs'], data['data_samples'], rescale=rescale)[0]
     inst = result.pred_instances
     return dict(
         boxes=inst.bboxes.numpy(), scores=inst.scores.numpy(), labels=inst.labels.numpy(),
-        masks=inst.masks.numpy().astype(bool).reshape(-1, h, w),
+        masks=inst.masks.numpy().astype(bool).reshape(-1, ori_h, ori_w),
     )  # fmt: skip
 
 

@@ -14,7 +14,7 @@ pytest.importorskip('onnxruntime')
 pytest.importorskip('mmdet')
 pytest.importorskip('mmcv.ops')
 
-from mlla_mm.deploy import build_whole_model  # noqa: E402
+from mlla_mm.deploy import build_whole_model, onnx_io_dims  # noqa: E402
 from mlla_mm.deploy_det import (  # noqa: E402
     OUTPUT_NAMES,
     MaskRCNNGraph,
@@ -85,6 +85,24 @@ def test_graph_eager_matches_mmdet_predict(small_graph):
     assert total > 0  # the comparison covered confident detections
 
 
+def test_to_original_size_matches_mmdet_rescale(small_graph):
+    """Graph outputs mapped to the original image (a photograph, resized by the test pipeline)
+    give mmdet's predict(rescale=True): boxes divided by the scale factor, masks pasted there."""
+    skimage_data = pytest.importorskip('skimage.data')
+    from mlla_mm.deploy_det import resize_for_test, to_original_size
+
+    original = skimage_data.coffee()[..., ::-1]  # 400x600 BGR
+    image = np.ascontiguousarray(resize_for_test(original, _small_cfg()))  # 85x128
+    ref = mmdet_predict(small_graph.detector, image, ori_shape=original.shape[:2])
+    x = torch.from_numpy(image.transpose(2, 0, 1).copy())[None].float()
+    with torch.no_grad():
+        outputs = dict(zip(OUTPUT_NAMES, small_graph(x)))
+    got = to_original_size(outputs, original.shape[:2])
+    assert len(got['boxes']) > 0 and got['masks'].shape[1:] == (400, 600)
+    np.testing.assert_array_equal(got['boxes'], ref['boxes'])
+    assert compare_detections(ref, got, score_thr=0.0).ok
+
+
 def test_paste_matches_grid_sample():
     """The two-matrix paste equals mmdet's grid_sample paste (its GPU path, no crop)."""
     from mmdet.models.roi_heads.mask_heads.fcn_mask_head import _do_paste_mask
@@ -140,9 +158,10 @@ def test_export_tool_whole_mask_rcnn(tmp_path, capsys, small_graph):
     assert len(matched) == 6  # 3 photographs + 3 toy images
     assert any(' 0/0 matched' not in line for line in matched), printed
 
-    session = onnx_session(out)
-    dims = {i.name: i.shape for i in session.get_inputs()}
+    dims = onnx_io_dims(out)
     assert dims['image'][:2] == [1, 3] and all(isinstance(d, str) for d in dims['image'][2:])
+    assert dims['boxes'] == ['detections', 4] and dims['mask_probs'] == ['detections', 28, 28]
+    assert dims['masks'] == ['detections', 'height', 'width']
 
 
 def test_export_without_detections(tmp_path):

@@ -23,7 +23,7 @@ import sys
 import time
 
 import torch
-from mmengine.config import Config
+from mmengine.config import Config, DictAction
 
 from mlla_mm.deploy import (
     EXPORTERS,
@@ -74,6 +74,9 @@ def parse_args(argv=None):
     parser.add_argument('--check-batch', type=int, default=3, help='batch of the parity checks')
     parser.add_argument('--tol', type=float, default=1e-4, help='max relative error allowed')
     parser.add_argument('--seed', type=int, default=0, help='seed of the random initialisation')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction, help='with --config: override config keys'
+    )
     det = parser.add_argument_group('Mask R-CNN (--whole-model on a detection config)')
     det.add_argument(
         '--match-score-thr',
@@ -100,12 +103,16 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)  # reproducible random weights where no checkpoint gives them
+    config = args.config
+    if config and args.cfg_options:
+        config = Config.fromfile(config)
+        config.merge_from_dict(args.cfg_options)
     if args.whole_model:
-        model = build_whole_model(args.config, args.checkpoint)
+        model = build_whole_model(config, args.checkpoint)
         if isinstance(model, MaskRCNNGraph):
-            return _export_detector(args, model)
+            return _export_detector(args, model, config)
     else:
-        model = build_backbone(args.arch, args.config, args.checkpoint)
+        model = build_backbone(args.arch, config, args.checkpoint)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     start = time.perf_counter()
     export_onnx(model, args.out, args.shape, exporter=args.exporter, opset=args.opset)
@@ -126,7 +133,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _export_detector(args, graph: MaskRCNNGraph) -> int:
+def _export_detector(args, graph: MaskRCNNGraph, config) -> int:
     """--whole-model on a detection config: the whole Mask R-CNN, checked against mmdet."""
     if args.exporter != 'torchscript' or args.check_shape:
         print('export_onnx: Mask R-CNN exports with --exporter torchscript and is checked on '
@@ -143,7 +150,7 @@ def _export_detector(args, graph: MaskRCNNGraph) -> int:
     custom = sorted(op for op in ops if '::' in op)
     print(f'  operators: {", ".join(f"{k} x{v}" for k, v in sorted(ops.items()))}')
     print(f'  custom-domain operators: {custom or "none (standard ONNX only)"}')
-    cfg = Config.fromfile(args.config)
+    cfg = config if isinstance(config, Config) else Config.fromfile(config)
     images = detection_check_images(cfg, not args.no_photos, args.toy_images)
     results = check_detector_parity(
         graph.detector, args.out, images, args.match_score_thr, args.threads
