@@ -289,7 +289,11 @@ class LinearAttention(nn.Module):
         self.lepe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C).
+        """(B, H, W, C) -> (B, H, W, C), in the dtype of ``x``."""
+        return self.attend(x).to(x.dtype)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C) in the core's dtype (float32 for half/bf16 input).
 
         q and k come out of one GEMM as a (B, N, 2, C) tensor and are rotated together. The heads
         are a batch dimension of strided views, so each product is one batched GEMM over all
@@ -306,7 +310,7 @@ class LinearAttention(nn.Module):
                 out = ops.attend_inplace(qk, v.view(b, h * w, c), lepe, h, w, self.num_heads)
             else:
                 out = self._attend(qk, v.view(b, h * w, c), lepe, h, w)
-        return out.view(b, h, w, c).to(x.dtype)
+        return out.view(b, h, w, c)
 
     def _attend(self, qk, v, lepe, h: int, w: int) -> torch.Tensor:
         """The attention core as four batched products over (B, heads).
@@ -368,15 +372,13 @@ class MLLABlock(nn.Module):
 
         Without autograd the gate, the activations and the residual additions run in place.
         """
-        inplace = ops.inference(x)
         x = dwconv_nhwc(x, self.cpe1, residual=True)  # x + CPE(x), one conv
         shortcut = x
         x = self.norm1(x)
         gate = ops.linear(x, self.act_proj.weight, self.act_proj.bias, 'silu')
         x = ops.linear(x, self.in_proj.weight, self.in_proj.bias)
-        x = F.silu(dwconv_nhwc(x, self.dwc), inplace=inplace)
-        x = self.attn(x)
-        x = x.mul_(gate) if inplace else x * gate
+        x = dwconv_nhwc(x, self.dwc, act='silu')  # SiLU(DWConv(x))
+        x = ops.gate(self.attn.attend(x), gate)  # attention (float32 core) * gate
         if self._drop_path_active:
             x = shortcut + self.drop_path(self.out_proj(x))
         else:

@@ -65,6 +65,7 @@ __all__ = [
     'conv',
     'dwconv_nhwc',
     'elu_plus_one',
+    'gate',
     'inference',
     'kernel_dtype',
     'linear',
@@ -266,7 +267,7 @@ def conv(
     groups: int = 1,
     act: str | None = None,
 ) -> torch.Tensor:
-    """``act(conv2d(x))`` (act None or relu); fused as :func:`linear`."""
+    """``act(conv2d(x))`` (act None, relu or silu); fused as :func:`linear`."""
     dtype = kernel_dtype(x, weight)
     if dtype is not None:
         pair = nn.modules.utils._pair
@@ -299,15 +300,17 @@ def add_conv(
     return y.add_(residual) if not torch.is_grad_enabled() else y + residual
 
 
-def _identity_taps(conv: nn.Conv2d) -> torch.Tensor:
+def _identity_taps(layer: nn.Conv2d) -> torch.Tensor:
     """A depthwise kernel that is the identity: 1 at the centre tap, 0 elsewhere."""
-    kh, kw = conv.kernel_size
-    eye = conv.weight.new_zeros(conv.weight.shape)
+    kh, kw = layer.kernel_size
+    eye = layer.weight.new_zeros(layer.weight.shape)
     eye[:, :, kh // 2, kw // 2] = 1.0
     return eye
 
 
-def dwconv_nhwc(x: torch.Tensor, conv: nn.Conv2d, residual: bool = False) -> torch.Tensor:
+def dwconv_nhwc(
+    x: torch.Tensor, layer: nn.Conv2d, residual: bool = False, act: str | None = None
+) -> torch.Tensor:
     """Apply a (depthwise) conv to channels-last tokens (B, H, W, C) without copies.
 
     The conv sees the NCHW view of the NHWC tensor (channels-last memory format), so oneDNN
@@ -315,21 +318,28 @@ def dwconv_nhwc(x: torch.Tensor, conv: nn.Conv2d, residual: bool = False) -> tor
 
     Args:
         x: Tokens (B, H, W, C).
-        conv: A stride-1, same-padding depthwise conv when ``residual`` is set.
+        layer: The conv; a stride-1, same-padding depthwise conv when ``residual`` is set.
         residual: Return ``x + conv(x)`` computed as one conv whose centre tap is increased by
             one (exact in real arithmetic; the gradient w.r.t. ``conv.weight`` is unchanged),
             which saves the separate addition pass.
+        act: None or ``'silu'``, applied to the result (in the fused kernel's epilogue).
     """
-    weight, bias = conv.weight, conv.bias
+    weight, bias = layer.weight, layer.bias
     if weight.dtype != x.dtype and _autocast_dtype(x.device.type) is None:
         # the LePE of a half/bf16 model runs in float32, as under autocast
         weight, bias = cast(weight, x.dtype), cast(bias, x.dtype)
     if residual:
-        weight = weight + _identity_taps(conv)
-    out = F.conv2d(
-        x.permute(0, 3, 1, 2), weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups
-    )
-    return out.permute(0, 2, 3, 1)
+        weight = weight + _identity_taps(layer)
+    args = (layer.stride, layer.padding, layer.dilation, layer.groups)
+    return conv(x.permute(0, 3, 1, 2), weight, bias, *args, act=act).permute(0, 2, 3, 1)
+
+
+def gate(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``y * g`` in ``g``'s dtype; without autograd in place into ``g``, so that a float32
+    ``y`` (the attention core's output) is cast within the product."""
+    if inference(y) and g.is_contiguous() and y.shape == g.shape:
+        return g.mul_(y)
+    return y.to(g.dtype) * g
 
 
 class _EluPlusOne(torch.autograd.Function):
