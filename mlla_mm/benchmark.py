@@ -58,7 +58,13 @@ __all__ = [
 ]
 
 DEFAULT_SIZES = ('512x512', '1280x800', '1024x1024', '1536x1536', '2048x2048')
-DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+DTYPES = {
+    'fp32': torch.float32,
+    'fp16': torch.float16,  # autocast
+    'bf16': torch.bfloat16,  # autocast
+    'bf16-model': torch.bfloat16,  # model.to(torch.bfloat16), bf16 input
+}
+MODEL_DTYPES = {'bf16-model'}  # the weights themselves cast, no autocast
 
 
 # ------------------------------------------------------------------------------------------
@@ -310,7 +316,8 @@ class BenchConfig:
         sizes: ``(height, width)`` inputs.
         batch_size: Images per batch.
         device: ``'cpu'`` or ``'cuda'``.
-        dtype: ``'fp32'``, or ``'fp16'``/``'bf16'`` (autocast).
+        dtype: ``'fp32'``, ``'fp16'``/``'bf16'`` (autocast), or ``'bf16-model'`` (the model
+            cast with ``model.to(torch.bfloat16)``, bf16 input).
         threads: CPU threads (``torch.set_num_threads``); None leaves the default.
         channels_last: Model and input in channels-last memory format.
         compile: Wrap each model in ``torch.compile``.
@@ -322,6 +329,10 @@ class BenchConfig:
         baseline: Model the others are compared to (``speedup`` columns), if in ``models``.
         max_seconds: Skip a model at larger sizes once one iteration took longer than this.
         seed: Seed of the weights and the input.
+        keep_freed_memory: Apply :func:`mlla_mm.models.backbones.mlla_ops.keep_freed_memory`
+            (glibc keeps freed memory: no page faults for large tensors) before the run.
+        kernels: Record which oneDNN kernels the first MLLA model runs (oneDNN verbose output
+            of one small forward in the run's precision).
     """
 
     models: Sequence[str] = (
@@ -347,6 +358,8 @@ class BenchConfig:
     baseline: str | None = 'mlla_t_plain'
     max_seconds: float = 120.0
     seed: int = 0
+    keep_freed_memory: bool = False
+    kernels: bool = True
     extra: dict = field(default_factory=dict)
 
 
@@ -364,7 +377,56 @@ def _environment(cfg: BenchConfig, device: torch.device) -> dict:
     }
     if device.type == 'cuda':
         env['gpu'] = torch.cuda.get_device_name(device)
+    else:
+        from mlla_mm.models.backbones.mlla_ops import CAPS, _cpu_flags
+
+        env['cpu_flags'] = sorted(_cpu_flags() & CPU_FLAGS_OF_INTEREST)
+        env['cpu_capabilities'] = CAPS.describe()
     return env
+
+
+CPU_FLAGS_OF_INTEREST = {
+    'avx2', 'fma', 'avx512f', 'avx512bw', 'avx512_vnni', 'avx512_bf16', 'avx512_fp16',
+    'amx_bf16', 'amx_int8', 'amx_tile',
+}  # fmt: skip
+
+
+def onednn_kernels(step: Callable, x: torch.Tensor) -> dict:
+    """Which oneDNN kernels ``step(x)`` runs: its ``ONEDNN_VERBOSE`` lines, parsed.
+
+    Returns:
+        dict: ``isa`` (oneDNN's line naming the instruction set it uses), ``kernels``
+        (implementation name -> number of primitive executions, e.g. ``brg_matmul:avx512_core_amx``
+        or ``jit:avx512_core_bf16``), and ``error`` where the verbose output could not be read.
+    """
+    import tempfile
+
+    if not torch.backends.mkldnn.is_available():
+        return {'isa': None, 'kernels': {}, 'error': 'oneDNN not available'}
+    with tempfile.TemporaryFile(mode='w+b') as f:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(f.fileno(), 1)  # oneDNN prints from C to file descriptor 1
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                step(x)
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+        f.seek(0)
+        lines = f.read().decode(errors='replace').splitlines()
+    isa, kernels = None, {}
+    for line in lines:
+        parts = line.split(',')
+        if 'isa:' in line and isa is None:
+            isa = line.split('isa:', 1)[1].strip()
+        elif len(parts) > 6 and parts[0] == 'onednn_verbose' and 'exec' in parts[1:4]:
+            # onednn_verbose[,timestamp],primitive,exec,cpu,<kind>,<implementation>,...
+            at = parts.index('exec')
+            name = f'{parts[at + 2]}:{parts[at + 3]}'
+            kernels[name] = kernels.get(name, 0) + 1
+    return {'isa': isa, 'kernels': kernels}
 
 
 def _cpu_name() -> str:
@@ -387,13 +449,16 @@ def _loadavg() -> float | None:
 
 def _make_step(model: nn.Module, cfg: BenchConfig, device: torch.device) -> Callable:
     dtype = DTYPES[cfg.dtype]
-    autocast = dtype != torch.float32
+    cast_model = cfg.dtype in MODEL_DTYPES
+    autocast = dtype != torch.float32 and not cast_model
 
     def infer(x):
+        x = x.to(dtype) if cast_model else x
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=autocast):
             return model(x)
 
     def train(x):
+        x = x.to(dtype) if cast_model else x
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
             outs = _tensors(model(x))
         loss = sum(o.float().mean() for o in outs if o.requires_grad)
@@ -408,6 +473,8 @@ def _make_step(model: nn.Module, cfg: BenchConfig, device: torch.device) -> Call
 def _prepare(name: str, cfg: BenchConfig, device: torch.device) -> nn.Module:
     torch.manual_seed(cfg.seed)
     model = build_peer(name).to(device)
+    if cfg.dtype in MODEL_DTYPES:
+        model = model.to(DTYPES[cfg.dtype])
     model.train(cfg.mode == 'train')
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -430,6 +497,10 @@ def run_benchmark(cfg: BenchConfig, log: Callable = print) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dtype = DTYPES[cfg.dtype]
+    if cfg.keep_freed_memory:
+        from mlla_mm.models.backbones.mlla_ops import keep_freed_memory
+
+        cfg.extra['keep_freed_memory_applied'] = keep_freed_memory()
     env = _environment(cfg, device)
     env['settings'] = {k: v for k, v in asdict(cfg).items() if k != 'extra'}
     env['settings']['sizes'] = [_size_name(s) for s in cfg.sizes]
@@ -444,6 +515,12 @@ def run_benchmark(cfg: BenchConfig, log: Callable = print) -> dict:
         except (ImportError, ModuleNotFoundError) as e:
             unavailable[name] = f'unavailable: {e}'
             log(f'{name}: skipped, {e}')
+    env['kernels'] = {}
+    first_mlla = next((n for n in models if n.startswith('mlla') and 'plain' not in n), None)
+    if cfg.kernels and device.type == 'cpu' and first_mlla:
+        step = _make_step(models[first_mlla], cfg, device)
+        report = onednn_kernels(step, torch.randn(1, 3, 224, 224))
+        env['kernels'] = {'model': first_mlla, **report}
     rounds = cfg.warmup + cfg.repeats + int(cfg.flops) + int(cfg.memory)
     progress = _Progress(len(cfg.sizes) * (len(models) * rounds + cfg.repeats))
     too_slow: set = set()
@@ -596,10 +673,34 @@ def summarise(result: dict) -> str:
         if not r.get('size'):
             lines.append(f'{r["model"]:<14s} {r["status"]}')
     mm = ', '.join(f'{k}: {v:.1f}' for k, v in result['matmul_gflops'].items() if v)
-    lines.append(f'matmul rate (GFLOP/s, median per size): {mm}')
+    settings = result['env'].get('settings', {})
+    lines.append(f'{settings.get("dtype", "fp32")} matmul rate (GFLOP/s, median per size): {mm}')
+    lines.extend(machine_lines(result['env']))
     for text in scaling(result):
         lines.append(text)
     return '\n'.join(lines)
+
+
+def machine_lines(env: dict) -> list:
+    """The machine, its CPU flags and which kernels ran, as lines of text."""
+    lines = [
+        f'machine: {env.get("gpu") or env.get("processor")}, {env.get("cpu_count")} CPUs, '
+        f'{env.get("threads")} threads, torch {env.get("torch")}'
+    ]
+    if env.get('cpu_flags') is not None:
+        lines.append(f'CPU flags: {" ".join(env["cpu_flags"]) or "-"}')
+        lines.append(f'kernels available: {env.get("cpu_capabilities")}')
+    kernels = env.get('kernels') or {}
+    if kernels.get('kernels'):
+        ran = ', '.join(
+            f'{k} x{v}' for k, v in sorted(kernels['kernels'].items(), key=lambda kv: -kv[1])
+        )
+        lines.append(f'oneDNN ISA: {kernels.get("isa")}')
+        lines.append(f'oneDNN kernels run by {kernels["model"]} (224x224 forward): {ran}')
+    settings = env.get('settings', {})
+    if settings.get('keep_freed_memory'):
+        lines.append('glibc malloc: keep_freed_memory (no mmap, no trim)')
+    return lines
 
 
 def scaling(result: dict) -> list:

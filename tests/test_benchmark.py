@@ -115,3 +115,29 @@ def test_whole_model_mode_from_a_config(tmp_path):
     assert record['gmacs'] * 1e9 > 2 * backbone['total']
     assert record['gmacs_by_kind']['attention'] * 1e9 == pytest.approx(backbone['attention'])
     assert record['params'] > 25e6  # MLLA-T (23.9M) and the detector's neck and heads
+
+
+def test_bf16_model_run_reports_machine_and_kernels(monkeypatch):
+    """``dtype='bf16-model'`` casts the model and the input; the output names the machine, its
+    CPU flags and the oneDNN kernels the MLLA model ran (parsed from oneDNN's verbose lines)."""
+    from mlla_mm.models.backbones.mlla_ops import CAPS
+
+    monkeypatch.setitem(PEERS, 'mlla_tiny', ('MLLA tiny widths', lambda: MLLA(arch=TINY)))
+    cfg = BenchConfig(
+        models=['mlla_tiny'], sizes=[(48, 64)], dtype='bf16-model', warmup=1, repeats=1,
+        flops=False, memory=False, baseline=None,
+    )  # fmt: skip
+    result = run_benchmark(cfg, log=lambda *a: None)
+    (record,) = result['records']
+    assert record['status'] == 'ok' and record['dtype'] == 'bf16-model'
+    env = result['env']
+    assert env['cpu_capabilities'] == CAPS.describe()
+    text = summarise(result)
+    assert 'bf16-model matmul rate' in text and 'machine:' in text and 'CPU flags:' in text
+    if CAPS.onednn:
+        kernels = env['kernels']['kernels']
+        assert env['kernels']['model'] == 'mlla_tiny' and sum(kernels.values()) > 10
+        assert any(k.startswith('inner_product:') for k in kernels)  # the fused linears
+        if CAPS.bf16:  # bf16 kernels: AMX or AVX512-BF16 instructions
+            assert any('amx' in k or 'bf16' in k for k in kernels), kernels
+        assert 'oneDNN kernels run by mlla_tiny' in text

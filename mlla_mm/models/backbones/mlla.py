@@ -289,11 +289,8 @@ class LinearAttention(nn.Module):
         self.lepe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C), in the dtype of ``x``."""
-        return self.attend(x).to(x.dtype)
-
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C) in the core's dtype (float32 for half/bf16 input).
+        """(B, H, W, C) -> (B, H, W, C) in the core's dtype: float32 for half/bf16 input (the
+        block casts it back within its gate product).
 
         q and k come out of one GEMM as a (B, N, 2, C) tensor and are rotated together. The heads
         are a batch dimension of strided views, so each product is one batched GEMM over all
@@ -378,7 +375,7 @@ class MLLABlock(nn.Module):
         gate = ops.linear(x, self.act_proj.weight, self.act_proj.bias, 'silu')
         x = ops.linear(x, self.in_proj.weight, self.in_proj.bias)
         x = dwconv_nhwc(x, self.dwc, act='silu')  # SiLU(DWConv(x))
-        x = ops.gate(self.attn.attend(x), gate)  # attention (float32 core) * gate
+        x = ops.gate(self.attn(x), gate)  # attention (float32 core) * gate, in gate's dtype
         if self._drop_path_active:
             x = shortcut + self.drop_path(self.out_proj(x))
         else:

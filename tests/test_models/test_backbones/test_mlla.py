@@ -352,13 +352,13 @@ def test_attention_core_runs_in_float32_under_autocast():
     model = MLLA(arch=TINY).eval()
     attn = model.layers[1].blocks[0].attn
     spy = Spy()
-    forward = attn.attend  # what the block calls (the float32 core, before the gate)
+    forward = attn.forward
 
     def spied(x):
         with spy:
             return forward(x)
 
-    attn.attend = spied
+    attn.forward = spied
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         outs = model(torch.randn(1, 3, 32, 32))
     assert outs[1].dtype == torch.bfloat16
