@@ -36,7 +36,7 @@ __all__ = [
     'check_checkpoint',
     'checkpoint_problems',
     'config_problems',
-    'default_threads',
+    'DEFAULT_THREADS',
     'prints_to_log_file',
     'quiet_console',
     'setup_threads',
@@ -637,29 +637,18 @@ def silence_library_warnings() -> None:
         warnings.filterwarnings('ignore', message=note, category=UserWarning)
 
 
-def default_threads(cores: int | None = None, load: float | None = None) -> int:
-    """How many intra-op threads the tools use when neither ``--threads`` nor OMP_NUM_THREADS
-    says: the cores that other processes leave idle (at least one).
-
-    OpenMP threads wait for each other at every operator, so a thread on a core that another
-    process keeps busy slows the whole run down (measured in docs/performance.md: on 2 cores
-    busy with other jobs, two threads were slower per training iteration than one), while on an
-    idle machine every core helps.
-
-    Args:
-        cores: CPU cores this process may run on (default: its affinity mask).
-        load: Runnable processes besides this one (default: the 1-minute load average).
-    """
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    if load is None:
-        load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0.0
-    return max(1, min(int(cores or 1), int(cores or 1) - round(load)))
+# Intra-op threads of the tools unless --threads or OMP_NUM_THREADS says otherwise. Chosen by
+# measurement (docs/performance.md, "Threads of the tools"): on 2 cores busy with other jobs a
+# toy training iteration took 2-4.5 times longer with 2 threads than with 1 (OpenMP threads
+# wait for each other at every operator, and a thread without a free core stalls them all),
+# while on an idle machine 2 threads gain at most their number (1.85x for MLLA-T inference at
+# 1280x800). One thread is never far from the best and never a disaster.
+DEFAULT_THREADS = 1
 
 
 def setup_threads(threads: int | None = None) -> int:
-    """Set torch's intra-op threads: ``threads``, else OMP_NUM_THREADS, else
-    :func:`default_threads`.
+    """Set torch's intra-op threads: ``threads``, else OMP_NUM_THREADS's (torch reads it at
+    start), else :data:`DEFAULT_THREADS`.
 
     Returns:
         int: The number of threads in use.
@@ -669,7 +658,7 @@ def setup_threads(threads: int | None = None) -> int:
             raise ConfigCheckError(f'--threads {threads}: give a number of threads >= 1')
         torch.set_num_threads(threads)
     elif not os.environ.get('OMP_NUM_THREADS'):
-        torch.set_num_threads(default_threads())
+        torch.set_num_threads(DEFAULT_THREADS)
     return torch.get_num_threads()
 
 
@@ -679,7 +668,7 @@ def add_common_args(parser) -> None:
         '--threads',
         type=int,
         default=None,
-        help='CPU threads (default: OMP_NUM_THREADS, else the cores other processes leave idle)',
+        help=f'CPU threads (default: OMP_NUM_THREADS if set, else {DEFAULT_THREADS})',
     )
     parser.add_argument(
         '--verbose',

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -16,12 +15,12 @@ from mmengine.config import Config
 pytest.importorskip('mmdet')
 
 from mlla_mm.tools_utils import (  # noqa: E402
+    DEFAULT_THREADS,
     ConfigCheckError,
     ConsoleFilter,
     checkpoint_problems,
     config_problems,
     configure_train,
-    default_threads,
     quiet_console,
     setup_scope,
     setup_threads,
@@ -301,20 +300,15 @@ def test_checkpoint_problems_name_the_missing_heads():
 # ------------------------------------------------------------------------------------------
 # Threads, console output and errors of the tools
 # ------------------------------------------------------------------------------------------
-def test_default_threads_leave_busy_cores_alone():
-    assert default_threads(cores=2, load=0.2) == 2  # idle: every core
-    assert default_threads(cores=2, load=1.0) == 1
-    assert default_threads(cores=2, load=4.5) == 1  # busier than the machine: one thread
-    assert default_threads(cores=16, load=3.4) == 13
-    assert 1 <= default_threads() <= (os.cpu_count() or 1)
-
-
 def test_setup_threads(monkeypatch):
     import torch
 
     before = torch.get_num_threads()
     try:
-        assert setup_threads(1) == 1
+        monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+        torch.set_num_threads(2)
+        assert setup_threads(None) == DEFAULT_THREADS == 1  # the documented default
+        assert setup_threads(2) == 2
         monkeypatch.setenv('OMP_NUM_THREADS', '1')
         torch.set_num_threads(2)
         assert setup_threads(None) == 2  # OMP_NUM_THREADS set: torch's own setting is kept

@@ -4,6 +4,9 @@
     python tools/benchmark.py --arch tiny --out work_dirs/bench
     # the 1280x800 targets, 2 threads, 7 interleaved repeats
     python tools/benchmark.py --models mlla_t mlla_t_plain swin_t --sizes 1280x800 --repeats 7
+    # bf16: autocast, and a bf16 model (AMX / AVX512-BF16 kernels where the CPU has them)
+    python tools/benchmark.py --models mlla_t swin_t --sizes 1280x800 --dtype bf16
+    python tools/benchmark.py --models mlla_t swin_t --sizes 1280x800 --dtype bf16-model
     # a training step, and activation checkpointing
     python tools/benchmark.py --models mlla_t mlla_t_cp mlla_t_plain --mode train --sizes 1280x800
     # whole models from configs (any mmdet / mmseg / mmpretrain config, mmdet:: paths too)
@@ -30,6 +33,7 @@ from mlla_mm.benchmark import (
     write_csv,
     write_json,
 )
+from mlla_mm.tools_utils import silence_library_warnings
 
 DEFAULT_PEERS = ('mlla_t_plain', 'swin_t', 'convnext_t', 'resnet50', 'vit_b16')
 
@@ -47,9 +51,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         '--sizes', nargs='+', default=list(DEFAULT_SIZES), help='WIDTHxHEIGHT or one number'
     )
     parser.add_argument('--batch-size', type=int, default=1)
-    parser.add_argument('--threads', type=int, default=None, help='CPU threads')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=None,
+        help='CPU threads (default: OMP_NUM_THREADS if set, else every core, unlike the other '
+        'tools: its figures state the thread count)',
+    )
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
-    parser.add_argument('--dtype', default='fp32', choices=sorted(DTYPES), help='autocast dtype')
+    parser.add_argument(
+        '--dtype', default='fp32', choices=sorted(DTYPES),
+        help='fp16/bf16: autocast; bf16-model: model.to(torch.bfloat16)',
+    )  # fmt: skip
     parser.add_argument('--channels-last', action='store_true')
     parser.add_argument('--compile', action='store_true', help='torch.compile every model')
     parser.add_argument('--mode', default='infer', choices=['infer', 'train'])
@@ -57,6 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--repeats', type=int, default=10)
     parser.add_argument('--no-flops', action='store_true', help='skip the FLOP count')
     parser.add_argument('--no-memory', action='store_true', help='skip the memory pass')
+    parser.add_argument(
+        '--keep-freed-memory', action='store_true',
+        help='glibc keeps freed memory (no page faults for large tensors; see docs/performance.md)',
+    )  # fmt: skip
     parser.add_argument('--baseline', default='mlla_t_plain', help='model the speed-ups refer to')
     parser.add_argument(
         '--max-seconds', type=float, default=120.0,
@@ -68,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    silence_library_warnings()
     if args.config:
         models = [f'config:{c}' for c in args.config]
         baseline = models[0] if args.baseline == 'mlla_t_plain' else args.baseline
@@ -90,6 +108,7 @@ def main(argv=None) -> dict:
         repeats=args.repeats,
         flops=not args.no_flops,
         memory=not args.no_memory,
+        keep_freed_memory=args.keep_freed_memory,
         baseline=baseline,
         max_seconds=args.max_seconds,
     )

@@ -8,13 +8,12 @@
 4. draws the prediction on one val image with tools/image_demo.py (scores >= 0.5).
 
 Every step runs the same tool a user would run, and shows its progress (mmengine's log, with an
-ETA). Exits non-zero if the val bbox mAP_50 is below ``--min-map50``. The tools run with one
-intra-op thread unless OMP_NUM_THREADS is set.
+ETA; the full logs are in the work dirs). Exits non-zero if the val bbox mAP_50 is below
+``--min-map50``. The tools run with one intra-op thread unless OMP_NUM_THREADS is set.
 """
 
 import argparse
 import json
-import os
 import os.path as osp
 import subprocess
 import sys
@@ -32,12 +31,10 @@ DATA = 'data/toy_coco'
 def _run(step: str, *args: str) -> float:
     """Run ``python ARGS`` in the repository root, streaming its output; return the seconds."""
     print(f'\n=== {step}: python {" ".join(args)}', flush=True)
-    # One intra-op thread unless the user says otherwise: on a small machine shared with other
-    # jobs, OpenMP threads that wait for each other at every operator are several times slower
-    # than one thread (measured: 2-3 s vs 10-24 s per iteration on 2 busy cores).
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'))
+    # The tools pick their threads themselves (one unless OMP_NUM_THREADS or --threads says
+    # otherwise; see mlla_mm.tools_utils.DEFAULT_THREADS).
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env)
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT)
     if proc.returncode != 0:
         sys.exit(f'{step} failed (exit status {proc.returncode}); see its output above')
     return time.monotonic() - start
