@@ -1,6 +1,7 @@
 """The whole Mask R-CNN as one ONNX graph: standard operators, dynamic sizes, and detections that
 match mmdet's own inference (boxes, scores, labels, masks) on photographs and toy images."""
 
+import copy
 import runpy
 from pathlib import Path
 
@@ -101,6 +102,21 @@ def test_to_original_size_matches_mmdet_rescale(small_graph):
     assert len(got['boxes']) > 0 and got['masks'].shape[1:] == (400, 600)
     np.testing.assert_array_equal(got['boxes'], ref['boxes'])
     assert compare_detections(ref, got, score_thr=0.0).ok
+
+
+def test_unsupported_parts_are_refused(small_graph):
+    """Inference settings the graph does not rewrite fail with an error naming them."""
+    detector = small_graph.detector
+    test_cfg = detector.test_cfg
+    try:
+        detector.test_cfg = copy.deepcopy(test_cfg)
+        detector.test_cfg.rcnn.nms = dict(type='soft_nms', iou_threshold=0.5)
+        with pytest.raises(ValueError, match='test_cfg.rcnn.nms.type must be "nms"'):
+            MaskRCNNGraph(detector)
+    finally:
+        detector.test_cfg = test_cfg
+    with pytest.raises(ValueError, match=r'image must be \(1, 3, H, W\)'):
+        small_graph(torch.zeros(2, 3, 64, 64))
 
 
 def test_paste_matches_grid_sample():
