@@ -62,8 +62,8 @@ OUTPUT_NAMES = ('boxes', 'scores', 'labels', 'mask_probs', 'masks')
 #: Where the exported graph is not bit-exact with mmdet 3.3's inference (printed by the tool).
 DIFFERENCES = (
     'batch of 1 image per run (mmdet batches images; the graph runs one at a time)',
-    'the masks output is pasted at the network input size (mmdet predict(rescale=False)); boxes '
-    'and masks at the original image size are a resize away (see docs/deployment.md)',
+    'the masks output is pasted at the network input size (mmdet predict(rescale=False)); '
+    'to_original_size() gives boxes and masks at the original size as predict(rescale=True)',
     'mask paste: grid_sample bilinear (align_corners=False) computed as two small matrix '
     "products with the same weights (float rounding only; mmdet's CPU crop to the box +-1 px "
     'is applied too)',
@@ -437,23 +437,28 @@ def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, img_h, img_w, threshol
     return pasted >= threshold
 
 
-def to_original_size(outputs: dict, ori_shape: Sequence[int], threshold: float = 0.5) -> dict:
+def to_original_size(
+    outputs: dict,
+    ori_shape: Sequence[int],
+    input_shape: Sequence[int] | None = None,
+    threshold: float = 0.5,
+) -> dict:
     """Boxes and masks of the graph's outputs at the original image size, as mmdet's
     ``predict(rescale=True)`` gives them: boxes divided by the ``Resize`` scale factor, masks
     pasted from ``mask_probs`` at the original size (not the input-size ``masks`` resized).
 
     Args:
-        outputs: The graph's outputs by name (numpy arrays or tensors), from an input of size
-            ``outputs['masks'].shape[1:]`` or, without ``masks``, pass ``input_shape`` in
-            ``outputs['input_shape']``.
+        outputs: The graph's outputs by name (numpy arrays or tensors).
         ori_shape: (H, W) of the image before the test pipeline's ``Resize``.
+        input_shape: (H, W) of the graph's input; default: the size of ``outputs['masks']``
+            (needed for a graph exported without ``masks``).
         threshold: ``test_cfg.rcnn.mask_thr_binary``.
 
     Returns:
         dict: ``boxes`` (N, 4) float32 and ``masks`` (N, H, W) bool numpy arrays, ``scores`` and
         ``labels`` as given.
     """
-    in_h, in_w = outputs['input_shape'] if 'input_shape' in outputs else outputs['masks'].shape[1:]
+    in_h, in_w = input_shape if input_shape is not None else outputs['masks'].shape[1:]
     ori_h, ori_w = ori_shape
     scale = torch.tensor([in_w / ori_w, in_h / ori_h], dtype=torch.float32).repeat(1, 2)
     boxes = torch.as_tensor(np.asarray(outputs['boxes'])) / scale

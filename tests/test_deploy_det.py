@@ -155,7 +155,6 @@ def test_compare_detections_flags_differences():
         assert_det_parity([result])
 
 
-@pytest.mark.slow
 def test_export_tool_whole_mask_rcnn(tmp_path, capsys, small_graph):
     """tools/deployment/export_onnx.py --whole-model on a detection config: one graph of standard
     operators, traced at 96x96, that matches mmdet's predict() on photographs and toy images of
