@@ -45,6 +45,7 @@ from mlla_mm.deploy_det import (
     export_detector_onnx,
     onnx_ops,
 )
+from mlla_mm.tools_utils import user_errors
 
 
 def parse_args(argv=None):
@@ -94,6 +95,9 @@ def parse_args(argv=None):
         help='then time mmdet eager against onnxruntime on the first check image (median of N)',
     )
     det.add_argument('--threads', type=int, default=0, help='onnxruntime threads (0: default)')
+    parser.add_argument(
+        '--debug', action='store_true', help='show the traceback of an error (MLLA_MM_DEBUG=1)'
+    )
     args = parser.parse_args(argv)
     if args.whole_model and not args.config:
         parser.error('--whole-model needs --config')
@@ -102,6 +106,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with user_errors('tools/deployment/export_onnx.py', args.debug):
+        return _main(args)
+
+
+def _main(args) -> int:
     torch.manual_seed(args.seed)  # reproducible random weights where no checkpoint gives them
     config = args.config
     if config and args.cfg_options:

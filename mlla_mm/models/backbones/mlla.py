@@ -25,6 +25,7 @@ decay.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Sequence
 
@@ -32,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from mmengine.logging import print_log
+from mmengine.logging import MMLogger, print_log
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import PretrainedInit, trunc_normal_
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -593,6 +594,18 @@ class MLLA(BaseModule):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         super().init_weights()
+
+    def _dump_init_info(self) -> None:
+        """How each parameter was initialised goes to the log file, as in mmengine; without a
+        log file (a backbone built on its own) one debug line replaces mmengine's few thousand
+        console lines."""
+        logger = MMLogger.get_current_instance()
+        if any(isinstance(h, logging.FileHandler) for h in logger.handlers):
+            return super()._dump_init_info()
+        applied = f', then init_cfg={self.init_cfg}' if self.init_cfg else ''
+        print_log(
+            f'{type(self).__name__}: official initialisation{applied}', 'current', logging.DEBUG
+        )
 
     def _load_hook(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         """Accept official checkpoints unchanged (see :func:`convert_official_state_dict`).

@@ -350,3 +350,22 @@ def test_not_a_checkpoint_and_empty_file(tmp_path):
         load_checkpoint(MLLA(arch=TINY), str(text))
     with pytest.raises(CheckpointFileError, match='corrupt or truncated.*empty'):
         load_checkpoint(MLLA(arch=TINY), str(empty))
+
+
+def test_init_weights_alone_does_not_flood_the_console(tmp_path):
+    """mmengine logs each parameter's initialisation; without a log file that went to the console
+    (3,000 lines for MLLA-T). It goes to the log file only."""
+    import subprocess
+    import sys
+
+    path = tmp_path / 'w.pth'
+    save_tiny(path)
+    code = (
+        'import sys, mlla_mm; '
+        f'm = mlla_mm.MLLA(arch={TINY!r}, init_cfg=dict(type="Pretrained", checkpoint=sys.argv[1]));'
+        'm.init_weights(); mlla_mm.MLLA(arch="tiny").init_weights()'
+    )
+    out = subprocess.run([sys.executable, '-c', code, str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = (out.stdout + out.stderr).splitlines()
+    assert len(lines) < 10, lines[:20]
