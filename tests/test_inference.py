@@ -254,3 +254,17 @@ def test_segmentation_and_classification(tmp_path):
     (found,) = inferencer(img)
     assert found['pred_scores'].shape == (1000,)
     assert found['pred_label'] == int(result['topk_labels'][0])  # the same weights, same answer
+
+    # tools/image_demo.py --topk, in process
+    import importlib.util
+
+    import cv2
+
+    spec = importlib.util.spec_from_file_location('image_demo', ROOT / 'tools' / 'image_demo.py')
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    cv2.imwrite(str(tmp_path / 'img.png'), img)
+    args = [tmp_path / 'img.png', cls_cfg, ckpt, '--topk', '2', '--out-file', tmp_path / 'top2.png']
+    shown = demo.main([str(a) for a in args])
+    assert [t['label'] for t in shown['topk']] == list(result['topk_names'][:2])
+    assert (tmp_path / 'top2.png').is_file()
