@@ -17,13 +17,15 @@ CPU and where a kernel is missing; without autograd on the CPU a fused oneDNN ke
 * :func:`conv` / :func:`add_conv` - the same for convolutions;
 * :func:`dwconv_nhwc` - a depthwise conv on channels-last tokens, ``x + conv(x)`` as one conv;
 * :func:`elu_plus_one` - ``ELU(x) + 1`` as ``exp(min(x, 0)) + max(x, 0)``, in place in chunks;
-* :func:`rope_rotate` - RoPE of q and k as one complex product with a cached table.
+* :func:`rope_rotate` - RoPE of q and k as one complex product with a cached table;
+* :func:`gate` - ``y * g`` in place into ``g`` (the float32 attention output cast on the way);
+* :func:`to_nchw` - tokens to a contiguous NCHW output as one 2-D transpose per image.
 
 Layer strategies (inference without autograd, on the layer's modules):
 
 * :func:`attend_inplace` - the attention core in place on strided per-head views;
-* :func:`add_mlp` - ``x + MLP(LN(x))`` over chunks of tokens, in place (training: a custom
-  autograd function over chunks that keeps only GELU's input);
+* :func:`add_mlp` / :func:`mlp` - ``x + MLP(LN(x))`` over chunks of tokens, in place (training:
+  a custom autograd function over chunks that keeps only GELU's input);
 * :func:`stem_conv3_bands`, :func:`patch_merging_bands` - the stride-2 convs over bands of rows,
   so that their 4x / 8x-wide hidden tensors never exist whole.
 
@@ -34,6 +36,18 @@ Precision
 per parameter version, :func:`cast`), where oneDNN takes AMX or AVX512-BF16 instructions. The
 linear-attention core (``ELU + 1`` of q/k, normaliser, KV and query products, LePE) always runs
 in float32.
+
+Why per call, not a ``fuse()`` / ``switch_to_deploy()`` switch: a deploy switch would fold
+BatchNorm and repack weights into the model once, and then the model could no longer train,
+export or load a checkpoint unchanged; every entry point (mmdet, mmseg, mmpretrain runners, the
+inferencer, ONNX export) would have to know to call it. Choosing per call costs a few Python
+checks per layer and keeps one model object correct everywhere.
+
+Memory
+------
+:func:`keep_freed_memory` (opt-in, process-wide) stops glibc from returning freed memory, so that
+large tensors are not faulted in afresh at every call: the cause of the superlinear latency at
+high resolution (docs/performance.md).
 
 Capabilities
 ------------
