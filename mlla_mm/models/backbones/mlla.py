@@ -301,7 +301,7 @@ class LinearAttention(nn.Module):
         qk = ops.linear(x, self.qk.weight, self.qk.bias)
         with torch.autocast(x.device.type, enabled=False):
             dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-            v = x.to(dtype)
+            v = ops.to_float(x, dtype, 'v')
             qk = elu_plus_one(qk, dtype).view(b, h * w, 2, c)
             lepe = dwconv_nhwc(v, self.lepe).view(b, h * w, c)  # float32 weights and input
             if ops.inference(x):

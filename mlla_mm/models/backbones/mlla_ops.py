@@ -19,7 +19,9 @@ CPU and where a kernel is missing; without autograd on the CPU a fused oneDNN ke
 * :func:`elu_plus_one` - ``ELU(x) + 1`` as ``exp(min(x, 0)) + max(x, 0)``, in place in chunks;
 * :func:`rope_rotate` - RoPE of q and k as one complex product with a cached table;
 * :func:`gate` - ``y * g`` in place into ``g`` (the float32 attention output cast on the way);
-* :func:`to_nchw` - tokens to a contiguous NCHW output as one 2-D transpose per image.
+* :func:`to_nchw` - tokens to a contiguous NCHW output as one 2-D transpose per image;
+* :func:`to_float` / :func:`workspace` - float32 copies of half/bf16 q/k and v for the attention
+  core in reused buffers (no fresh pages per block).
 
 Layer strategies (inference without autograd, on the layer's modules):
 
@@ -85,10 +87,13 @@ __all__ = [
     'kernel_dtype',
     'linear',
     'patch_merging_bands',
+    'release_workspace',
     'rope_rotate',
     'rope_tables',
     'stem_conv3_bands',
+    'to_float',
     'to_nchw',
+    'workspace',
 ]
 
 
@@ -215,6 +220,41 @@ def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
             weakref.finalize(t, _CAST_CACHE.pop, id(t), None)
         _CAST_CACHE[id(t)] = (key, value)
     return value
+
+
+_WORKSPACE = threading.local()
+
+
+def workspace(name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A reusable buffer of ``like``'s shape in ``dtype`` (inference scratch space).
+
+    The attention core of a half/bf16 input converts q/k and v to float32 in every block; fresh
+    buffers for them are page-faulted in at every call (glibc returns large freed blocks to the
+    kernel), which cost as much as the conversion itself. One buffer per name and thread is
+    kept instead, grown when a larger one is needed and reused by the next block and the next
+    call; :func:`release_workspace` frees them. Callers must be done with a buffer before they
+    ask for the same name again.
+    """
+    buffers = _WORKSPACE.__dict__
+    numel = like.numel()
+    buf = buffers.get(name)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != like.device:
+        with torch.inference_mode(False), torch.no_grad():
+            buf = torch.empty(numel, dtype=dtype, device=like.device)
+        buffers[name] = buf
+    return buf[:numel].view(like.shape)
+
+
+def release_workspace() -> None:
+    """Free this thread's :func:`workspace` buffers."""
+    _WORKSPACE.__dict__.clear()
+
+
+def to_float(x: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """``x.to(dtype)``; at inference a conversion lands in the :func:`workspace` ``name``."""
+    if x.dtype == dtype or not inference(x):
+        return x.to(dtype)
+    return workspace(name, x, dtype).copy_(x)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
@@ -434,15 +474,15 @@ def elu_plus_one(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Ten
     ATen's ELU evaluates ``expm1`` element by element (about ten times slower than its vectorised
     ``exp`` on a CPU), so it is computed as ``exp(min(x, 0)) + max(x, 0)``: the same value above
     zero, and within an ulp of 1 below it. Without autograd it runs over cache-sized chunks, in
-    place when ``x`` (contiguous) already has ``dtype``, else converting chunk by chunk into a
-    new tensor; tracing and export keep the ELU operator.
+    place when ``x`` (contiguous) already has ``dtype``, else converting chunk by chunk into the
+    :func:`workspace` ``'elu_plus_one'``; tracing and export keep the ELU operator.
     """
     dtype = x.dtype if dtype is None else dtype
     if _tracing():
         return F.elu(x.to(dtype)) + 1.0
     if torch.is_grad_enabled() or not x.is_contiguous():
         return _EluPlusOne.apply(x.to(dtype))
-    out = x if x.dtype == dtype else torch.empty_like(x, dtype=dtype)
+    out = x if x.dtype == dtype else workspace('elu_plus_one', x, dtype)
     src, dst = x.view(-1), out.view(-1)
     for start in range(0, dst.numel(), ELU_CHUNK):
         chunk = dst[start : start + ELU_CHUNK]

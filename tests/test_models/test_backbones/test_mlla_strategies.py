@@ -212,3 +212,22 @@ def test_keep_freed_memory_reuses_large_blocks_without_page_faults():
     default, kept = int(out[1]), int(out[2])
     assert default > 6 * 16384  # 64 MB = 16384 pages, faulted in afresh by each tensor
     assert kept < 1000
+
+
+def test_bf16_attention_core_reuses_its_float32_workspace():
+    """The float32 copies of q/k and v of a bf16 model land in per-thread buffers that every
+    block and every call reuse (no fresh pages), and the outputs stay the same."""
+    model, _ = tiny_pair()
+    model = model.to(torch.bfloat16)
+    x = torch.randn(1, 3, 48, 64, dtype=torch.bfloat16)
+    ops.release_workspace()
+    with torch.no_grad():
+        first = model(x)
+        buffers = {k: (v.data_ptr(), v.dtype) for k, v in ops._WORKSPACE.__dict__.items()}
+        second = model(x)
+    assert set(buffers) == {'v', 'elu_plus_one'}
+    assert all(dtype == torch.float32 for _, dtype in buffers.values())
+    assert buffers == {k: (v.data_ptr(), v.dtype) for k, v in ops._WORKSPACE.__dict__.items()}
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    ops.release_workspace()
+    assert not ops._WORKSPACE.__dict__
