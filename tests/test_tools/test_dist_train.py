@@ -35,6 +35,13 @@ def _torchrun(script: str, *args) -> str:
     return log
 
 
+def _log_file_text(work_dir) -> str:
+    """mmengine's log file(s) of the runs in ``work_dir`` (``<timestamp>/<timestamp>.log``)."""
+    files = sorted(work_dir.glob('*/*.log'))
+    assert files, f'no log file in {work_dir}'
+    return ''.join(f.read_text() for f in files)
+
+
 def test_two_cpu_processes_train_identical_replicas_then_test(toy_coco, tmp_path):
     probe = tmp_path / 'probe'
     probe.mkdir()
@@ -45,8 +52,10 @@ def test_two_cpu_processes_train_identical_replicas_then_test(toy_coco, tmp_path
         ckpt_interval=3,
         probe=dict(out_dir=str(probe)),
     )
-    log = _torchrun('tools/dist_train.sh', cfg, '2', '--work-dir', tmp_path / 'work')
-    assert 'Distributed launcher: pytorch' in log and 'GPU number: 2' in log  # = processes
+    _torchrun('tools/dist_train.sh', cfg, '2', '--work-dir', tmp_path / 'work')
+    # the runtime environment is in rank 0's log file (the console shows only the progress)
+    env = _log_file_text(tmp_path / 'work')
+    assert 'Distributed launcher: pytorch' in env and 'GPU number: 2' in env  # = processes
 
     start = [torch.load(probe / f'start_rank{r}.pth', weights_only=True) for r in (0, 1)]
     end = [torch.load(probe / f'end_rank{r}.pth', weights_only=True) for r in (0, 1)]
@@ -64,7 +73,7 @@ def test_two_cpu_processes_train_identical_replicas_then_test(toy_coco, tmp_path
     assert (tmp_path / 'work' / 'iter_3.pth').is_file()  # written once, by rank 0
 
     # The 2-process test splits the 4 val images between the ranks and gathers the results.
-    log = _torchrun('tools/dist_test.sh', cfg, tmp_path / 'work' / 'iter_3.pth', '2',
-                    '--work-dir', tmp_path / 'test')  # fmt: skip
+    _torchrun('tools/dist_test.sh', cfg, tmp_path / 'work' / 'iter_3.pth', '2',
+              '--work-dir', tmp_path / 'test')  # fmt: skip
     metrics = read_test_metrics(tmp_path / 'test')
-    assert 'coco/bbox_mAP_50' in metrics and 'GPU number: 2' in log
+    assert 'coco/bbox_mAP_50' in metrics and 'GPU number: 2' in _log_file_text(tmp_path / 'test')
