@@ -5,7 +5,10 @@ resolution, and the timed repeats are interleaved (round ``r`` times model A, th
 A again in round ``r + 1``), so a change of machine load hits all models alike; speed-ups are
 reported as the median of the per-round ratios. A float32 (or ``--dtype``) matrix product is timed
 in every round as well, so that each model's achieved FLOP/s can be given as a fraction of this
-machine's matrix-multiply rate measured under the same conditions.
+machine's matrix-multiply rate measured under the same conditions. The process's CPU time of
+each timed iteration is recorded too (``cpu_ms``, column ``CPU ms``): with ``--threads 1`` it is
+the work done, nearly unaffected by other jobs on a shared machine, whose time slices stretch the
+wall-clock latency.
 
 Peers (built only when their library is importable, otherwise reported as unavailable):
 
@@ -551,7 +554,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable = print) -> dict:
         for r in range(cfg.repeats):  # timed repeats, interleaved
             for name in list(active):
                 _synchronize(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 try:
                     steps[name](x)
                     _synchronize(device)
@@ -560,6 +563,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable = print) -> dict:
                     del active[name]
                     continue
                 rec[name]['latency_ms'].append(1e3 * (time.perf_counter() - t0))
+                rec[name]['cpu_ms'].append(1e3 * (time.process_time() - c0))
                 progress.step(f'{name} {size} repeat {r + 1}/{cfg.repeats}')
             rates.append(matmul_rate(device, dtype))
             progress.step(f'matmul {size} repeat {r + 1}/{cfg.repeats}')
@@ -606,6 +610,7 @@ def _record(name: str, model: nn.Module, cfg: BenchConfig, hw: tuple) -> dict:
         'dtype': cfg.dtype,
         'params': sum(p.numel() for p in model.parameters()),
         'latency_ms': [],
+        'cpu_ms': [],
         'status': 'ok',
     }
 
@@ -615,6 +620,8 @@ def _finish(rec: dict, cfg: BenchConfig, matmul_gflops: float | None, loads: lis
     if not lat:
         return
     rec['median_ms'] = statistics.median(lat)
+    if rec.get('cpu_ms'):
+        rec['median_cpu_ms'] = statistics.median(rec['cpu_ms'])
     rec['p90_ms'] = lat[min(len(lat) - 1, math.ceil(0.9 * len(lat)) - 1)]
     rec['images_per_s'] = cfg.batch_size / (rec['median_ms'] / 1e3)
     rec['load'] = [v for v in loads if v is not None]
@@ -657,7 +664,7 @@ def summarise(result: dict) -> str:
     rows = [r for r in result['records'] if r.get('size')]
     head = (
         f'{"model":<14s} {"size":>10s} {"median ms":>10s} {"p90 ms":>9s} {"img/s":>7s} '
-        f'{"mem MB":>8s} {"GMACs":>8s} {"%mm":>5s} {"vs base":>7s}  status'
+        f'{"mem MB":>8s} {"GMACs":>8s} {"%mm":>5s} {"vs base":>7s} {"CPU ms":>8s}  status'
     )
     lines = [head, '-' * len(head)]
     for r in rows:
@@ -667,7 +674,7 @@ def summarise(result: dict) -> str:
             f'{_f(r.get("p90_ms"), 9, 0)} {_f(r.get("images_per_s"), 7, 2)} '
             f'{_f(r.get("peak_mem_mb"), 8, 0)} {_f(r.get("gmacs"), 8, 1)} '
             f'{_f(100 * r["matmul_fraction"] if "matmul_fraction" in r else None, 5, 0)} '
-            f'{_f(speed, 7, 2)}  {r["status"]}'
+            f'{_f(speed, 7, 2)} {_f(r.get("median_cpu_ms"), 8, 0)}  {r["status"]}'
         )
     for r in result['records']:
         if not r.get('size'):
@@ -739,6 +746,7 @@ def write_json(result: dict, path: str) -> None:
 
 CSV_FIELDS = (
     'model', 'size', 'height', 'width', 'pixels', 'batch_size', 'mode', 'dtype', 'median_ms',
+    'median_cpu_ms',
     'p90_ms', 'images_per_s', 'peak_mem_mb', 'params', 'gmacs', 'gflops_achieved',
     'matmul_fraction', 'status',
 )  # fmt: skip

@@ -66,6 +66,7 @@ def test_tool_writes_json_csv_png(tiny_peers, tmp_path, capsys):
             assert r['status'] == 'ok' and (r['height'], r['width'], r['pixels']) == (h, w, h * w)
             assert len(r['latency_ms']) == 3 and all(t > 0 for t in r['latency_ms'])
             assert r['median_ms'] <= r['p90_ms'] <= max(r['latency_ms'])
+            assert len(r['cpu_ms']) == 3 and r['median_cpu_ms'] > 0
             assert r['images_per_s'] == pytest.approx(1e3 / r['median_ms'])
             assert r['peak_mem_mb'] >= 0
             assert r['gmacs'] * 1e9 == pytest.approx(mlla_macs(**TINY, height=h, width=w)['total'])
