@@ -70,8 +70,8 @@ def main(argv=None) -> None:
         runner = build_runner(cfg, verbose=args.verbose)
         if not args.skip_checkpoint_check:
             check_checkpoint(runner.model, args.checkpoint)
-    with prints_to_log_file(runner.logger, args.verbose):
-        runner.test()
+        with prints_to_log_file(runner.logger, args.verbose):
+            runner.test()
     runner.logger.info(f'Logs of this evaluation are in {runner.log_dir}')
 
 

@@ -73,8 +73,8 @@ def main(argv=None) -> None:
         setup_cpu_distributed(cfg, args.launcher)
         os.makedirs(cfg.work_dir, exist_ok=True)
         runner = build_runner(cfg, verbose=args.verbose)
-    with prints_to_log_file(runner.logger, args.verbose):
-        runner.train()
+        with prints_to_log_file(runner.logger, args.verbose):
+            runner.train()  # e.g. a corrupt --resume / load_from checkpoint: one line, too
     runner.logger.info(f'Checkpoints and logs are in {os.path.abspath(cfg.work_dir)}')
 
 

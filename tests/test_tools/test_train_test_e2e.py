@@ -98,3 +98,12 @@ def test_test_tool_rejects_a_missing_checkpoint(toy_coco, tmp_path):
     proc = run_tool('tools/test.py', cfg, tmp_path / 'nope.pth', check=False)
     assert proc.returncode == 2 and 'nope.pth' in proc.stderr and 'does not exist' in proc.stderr
     assert 'Traceback' not in proc.stderr
+    # A truncated checkpoint met while training (--resume): one line, exit status 2
+    broken = tmp_path / 'broken.pth'
+    broken.write_bytes(b'PK\x03\x04 truncated')
+    proc = run_tool(
+        'tools/train.py', cfg, '--work-dir', tmp_path / 'work', '--resume', broken, check=False
+    )
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith('tools/train.py: error: Checkpoint')
+    assert 'corrupt or truncated' in proc.stderr
