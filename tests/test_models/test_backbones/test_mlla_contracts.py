@@ -284,10 +284,11 @@ def test_segmentor_level_pretrained(tmp_path):
     """mmseg's EncoderDecoder passes its ``pretrained=`` down to the backbone."""
     pytest.importorskip('mmseg')
     from mmengine.config import Config
+    from mmengine.registry import DefaultScope
     from mmseg.registry import MODELS as SEG_MODELS
     from mmseg.utils import register_all_modules
 
-    register_all_modules()
+    register_all_modules(init_default_scope=False)  # leave the default scope to other tests
     path = tmp_path / 'w.pth'
     sd = save_tiny(path)
     cfg = Config.fromfile(Path(__file__).parents[3] / 'configs' / 'toy' / 'upernet_mlla_t_toy.py')
@@ -295,7 +296,7 @@ def test_segmentor_level_pretrained(tmp_path):
     cfg.model.decode_head.in_channels = [32, 64, 128, 256]
     cfg.model.auxiliary_head.in_channels = 128
     cfg.model.pretrained = str(path)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), DefaultScope.overwrite_default_scope('mmseg'):
         warnings.simplefilter('ignore', DeprecationWarning)
         segmentor = SEG_MODELS.build(cfg.model)
     segmentor.init_weights()
