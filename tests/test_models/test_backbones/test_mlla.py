@@ -286,13 +286,15 @@ def test_get_layer_depth_with_mmpretrain_lr_decay():
     assert model.get_layer_depth('backbone.norm3.weight', 'backbone.') == (n - 1, n)
     assert model.get_layer_depth('head.fc.weight', 'backbone.') == (n - 1, n)
 
+    from mmengine.registry import DefaultScope
     from mmpretrain.models import ImageClassifier
 
-    classifier = ImageClassifier(
-        backbone=dict(type='mlla_mm.MLLA', arch=TINY, out_indices=(3,)),
-        neck=dict(type='GlobalAveragePooling'),
-        head=dict(type='LinearClsHead', num_classes=10, in_channels=256),
-    )
+    with DefaultScope.overwrite_default_scope('mmpretrain'):  # whatever scope other tests left
+        classifier = ImageClassifier(
+            backbone=dict(type='mlla_mm.MLLA', arch=TINY, out_indices=(3,)),
+            neck=dict(type='GlobalAveragePooling'),
+            head=dict(type='LinearClsHead', num_classes=10, in_channels=256),
+        )
     model = classifier.backbone
     constructor = LearningRateDecayOptimWrapperConstructor(
         dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1.0, weight_decay=0.05)),
