@@ -803,3 +803,100 @@ def plot(result: dict, path: str, title: str | None = None) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------
+# Per-part times of an MLLA backbone
+# ------------------------------------------------------------------------------------------
+def part_times(model: nn.Module, x: torch.Tensor, dtype: str = 'fp32', repeats: int = 3) -> dict:
+    """Inference time and MACs of each part of an MLLA backbone: the stem, the blocks of each
+    stage and each patch merging, against the matmul rate (what bounds the whole).
+
+    Forward hooks capture each part's input in one forward of the whole model; each part then
+    runs alone ``repeats`` times (median). ``dtype`` as in :class:`BenchConfig`.
+
+    Returns:
+        dict: ``parts`` (name -> ``ms``, ``gmacs``, ``gflops``, ``matmul_fraction``),
+        ``matmul_gflops`` and ``total_ms``.
+    """
+    from mlla_mm.flops import count_flops
+
+    torch_dtype = DTYPES[dtype]
+    if dtype in MODEL_DTYPES:
+        model, x = model.to(torch_dtype), x.to(torch_dtype)
+    autocast = torch_dtype != torch.float32 and dtype not in MODEL_DTYPES
+    parts = {'stem': model.patch_embed}
+    for i, stage in enumerate(model.layers):
+        parts[f'stage{i} blocks'] = stage
+        if stage.downsample is not None:
+            parts[f'merge{i}'] = stage.downsample
+    inputs: dict = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, a[0].clone()))
+        for n, m in parts.items()
+    ]
+    model.eval()
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch_dtype, enabled=autocast):
+        model(x)
+        for h in hooks:
+            h.remove()
+        rate = statistics.median(matmul_rate(x.device, torch_dtype) for _ in range(3)) / 1e9
+        out = {}
+        for name, module in parts.items():
+            if name not in inputs:  # stages after the last output index do not run
+                continue
+            module(inputs[name])
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                module(inputs[name])
+                times.append(time.perf_counter() - t0)
+            macs = count_flops(module, inputs[name]).macs
+            ms = 1e3 * statistics.median(times)
+            gflops = 2 * macs / (ms / 1e3) / 1e9
+            out[name] = {
+                'ms': ms,
+                'gmacs': macs / 1e9,
+                'gflops': gflops,
+                'matmul_fraction': gflops / rate,
+            }
+    return {'parts': out, 'matmul_gflops': rate, 'total_ms': sum(p['ms'] for p in out.values())}
+
+
+def _parts_main(argv=None) -> dict:
+    """``python -m mlla_mm.benchmark --arch tiny --size 1280x800 --dtype bf16 --threads 1``"""
+    import argparse
+
+    parser = argparse.ArgumentParser(description='Per-part inference time of an MLLA backbone')
+    parser.add_argument('--arch', default='tiny')
+    parser.add_argument('--size', default='1280x800', help='WIDTHxHEIGHT or one number')
+    parser.add_argument('--dtype', default='fp32', choices=sorted(DTYPES))
+    parser.add_argument('--threads', type=int, default=None)
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--keep-freed-memory', action='store_true')
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        from mlla_mm.models.backbones.mlla_ops import keep_freed_memory
+
+        keep_freed_memory()
+    torch.manual_seed(0)
+    model = _mlla(args.arch)
+    x = torch.randn(1, 3, *parse_size(args.size))
+    result = part_times(model, x, args.dtype, args.repeats)
+    for name, p in result['parts'].items():
+        print(
+            f'{name:15s} {p["ms"]:8.1f} ms {p["gmacs"]:7.2f} GMACs {p["gflops"]:8.1f} GFLOP/s '
+            f'{100 * p["matmul_fraction"]:5.1f}% of the matmul rate'
+        )
+    print(
+        f'total {result["total_ms"]:.1f} ms; {args.dtype} matmul rate '
+        f'{result["matmul_gflops"]:.1f} GFLOP/s; {torch.get_num_threads()} threads; '
+        f'load {_loadavg()}'
+    )
+    return result
+
+
+if __name__ == '__main__':
+    _parts_main()

@@ -142,3 +142,19 @@ def test_bf16_model_run_reports_machine_and_kernels(monkeypatch):
         if CAPS.bf16:  # bf16 kernels: AMX or AVX512-BF16 instructions
             assert any('amx' in k or 'bf16' in k for k in kernels), kernels
         assert 'oneDNN kernels run by mlla_tiny' in text
+
+
+def test_part_times_cover_the_backbone():
+    from mlla_mm.benchmark import part_times
+
+    model = MLLA(arch=TINY)
+    x = torch.randn(1, 3, 64, 96)
+    result = part_times(model, x, 'bf16', repeats=1)
+    parts = result['parts']
+    assert list(parts) == [
+        'stem', 'stage0 blocks', 'merge0', 'stage1 blocks', 'merge1', 'stage2 blocks', 'merge2',
+        'stage3 blocks',
+    ]  # fmt: skip
+    assert all(p['ms'] > 0 and p['matmul_fraction'] > 0 for p in parts.values())
+    expected = mlla_macs(**TINY, height=64, width=96)['total']
+    assert sum(p['gmacs'] for p in parts.values()) * 1e9 == pytest.approx(expected, rel=0.02)
