@@ -207,8 +207,12 @@ def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     an attribute: nothing of it reaches a state dict or a pickle)."""
     if t is None or t.dtype == dtype:
         return t
-    if not isinstance(t, nn.Parameter) or (t.requires_grad and torch.is_grad_enabled()):
-        return t.to(dtype)  # differentiable
+    if (
+        not isinstance(t, nn.Parameter)
+        or (t.requires_grad and torch.is_grad_enabled())  # differentiable
+        or t.is_inference()  # made under inference_mode: no version counter to key on
+    ):
+        return t.to(dtype)
     key = (t._version, t.data_ptr(), dtype)
     hit = _CAST_CACHE.get(id(t))
     if hit is not None and hit[0] == key:

@@ -167,6 +167,13 @@ def test_weight_cast_is_cached_per_parameter_version():
         assert ops.cast(lin.weight, torch.bfloat16).abs().sum() == 0
     assert ops.cast(lin.weight, torch.bfloat16).requires_grad  # with autograd: differentiable
     assert set(lin.state_dict()) == {'weight', 'bias'}
+    with torch.inference_mode():  # parameters made here have no version counter: not cached
+        inference_lin = nn.Linear(8, 4)
+        assert ops.cast(inference_lin.weight, torch.bfloat16).dtype == torch.bfloat16
+        model = MLLA(arch=TINY).eval()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert model(torch.randn(1, 3, 32, 32))[0].dtype == torch.bfloat16
+    assert id(inference_lin.weight) not in ops._CAST_CACHE
     key = id(lin.weight)
     assert key in ops._CAST_CACHE
     del lin
