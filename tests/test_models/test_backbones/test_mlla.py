@@ -2,9 +2,7 @@
 mixed precision, checkpoints and bad input."""
 
 import collections
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,22 +10,9 @@ import torch.nn as nn
 
 from mlla_mm import MLLA, MODELS
 from mlla_mm.models.backbones.mlla import _ROPE_CACHE, apply_rope, elu_plus_one, rope_tables
-from mlla_mm.testing import PlainMLLA, fake_official_state_dict
+from mlla_mm.testing import TINY_ARCH, PlainMLLA, fake_official_state_dict, rel_err
 
-TINY = dict(embed_dims=32, depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 8))
-# Key names and shapes of the official T/S/B checkpoints
-# (a copy of shared/mlla_official_layouts.json).
-LAYOUTS = Path(__file__).parents[2] / 'data' / 'mlla_official_layouts.json'
-
-
-@pytest.fixture(scope='module')
-def layouts():
-    with open(LAYOUTS) as f:
-        return json.load(f)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
+TINY = TINY_ARCH
 
 
 def randomise_bn(model: nn.Module) -> None:

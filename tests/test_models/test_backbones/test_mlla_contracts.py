@@ -2,7 +2,6 @@
 every ``init_cfg`` form, caches under ``torch.inference_mode``, pure half/bf16 weights,
 checkpoints of another variant, the deprecated ``pretrained=``, corrupt checkpoint files."""
 
-import json
 import threading
 import warnings
 from pathlib import Path
@@ -13,20 +12,9 @@ import torch.nn as nn
 from mmengine.runner import load_checkpoint
 
 from mlla_mm import MLLA, CheckpointFileError
-from mlla_mm.testing import fake_official_state_dict
+from mlla_mm.testing import TINY_ARCH, fake_official_state_dict, rel_err
 
-TINY = dict(embed_dims=32, depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 8))
-LAYOUTS = Path(__file__).parents[2] / 'data' / 'mlla_official_layouts.json'
-
-
-@pytest.fixture(scope='module')
-def layouts():
-    with open(LAYOUTS) as f:
-        return json.load(f)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+TINY = TINY_ARCH
 
 
 def save_tiny(path: Path, shift: float = 0.5) -> dict:
@@ -363,7 +351,8 @@ def test_init_weights_alone_does_not_flood_the_console(tmp_path):
     save_tiny(path)
     code = (
         'import sys, mlla_mm; '
-        f'm = mlla_mm.MLLA(arch={TINY!r}, init_cfg=dict(type="Pretrained", checkpoint=sys.argv[1]));'
+        f'm = mlla_mm.MLLA(arch={TINY!r}, '
+        'init_cfg=dict(type="Pretrained", checkpoint=sys.argv[1])); '
         'm.init_weights(); mlla_mm.MLLA(arch="tiny").init_weights()'
     )
     out = subprocess.run([sys.executable, '-c', code, str(path)], capture_output=True, text=True)

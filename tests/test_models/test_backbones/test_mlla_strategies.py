@@ -12,17 +12,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mlla_mm import MLLA
 from mlla_mm.models.backbones import mlla_ops as ops
-from mlla_mm.testing import PlainMLLA
+from mlla_mm.testing import TINY_ARCH, PlainMLLA, rel_err
 
-TINY = dict(embed_dims=32, depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 8))
+TINY = TINY_ARCH
 FUSED = {'_linear_pointwise', '_convolution_pointwise', '_convolution_pointwise_'}
 # Relative error of bf16 outputs (bf16 model or bf16 autocast) against float32, per output stage;
 # measured 0.4-0.9% on this tiny model (see docs/performance.md for MLLA-T).
 BF16_TOLERANCE = 3e-2
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 class OpSpy(TorchDispatchMode):
