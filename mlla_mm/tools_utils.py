@@ -273,7 +273,7 @@ def _resolves_in_scope(scope: str | None, name: str) -> bool:
 
 
 def _backbone_problems(cfg: Config, check_pretrained: bool) -> list[str]:
-    from mlla_mm.models.backbones.mlla import MLLA
+    from mlla_mm.models.backbones.mlla import MLLA, pretrained_checkpoints
 
     problems = []
     scope = cfg.get('default_scope')
@@ -291,9 +291,9 @@ def _backbone_problems(cfg: Config, check_pretrained: bool) -> list[str]:
         except (KeyError, TypeError, ValueError) as e:
             msg = e.args[0] if e.args else str(e)
             problems.append(f'{where}.arch: {msg}')
-        init = bb.get('init_cfg')
-        if check_pretrained and isinstance(init, dict) and init.get('type') == 'Pretrained':
-            ckpt = str(init.get('checkpoint', ''))
+        checkpoints = pretrained_checkpoints(bb.get('init_cfg')) if check_pretrained else []
+        for ckpt in checkpoints:
+            ckpt = str(ckpt or '')
             if not _is_remote(ckpt) and not osp.isfile(ckpt):
                 problems.append(
                     f'{where}.init_cfg.checkpoint: pretrained checkpoint {_shown(ckpt)} does not '

@@ -125,6 +125,15 @@ def test_unknown_arch_and_missing_pretrained_file(toy_root):
         ConfigCheckError, match=r'init_cfg\.checkpoint.*nothing\.pth.*does not exist'
     ):
         validate_config(cfg)
+    # the list form of init_cfg too (mmengine applies every entry)
+    cfg.model.backbone.init_cfg = [
+        dict(type='Constant', val=1.0, layer='LayerNorm'),
+        dict(type='Pretrained', checkpoint='checkpoints/nothing.pth'),
+    ]
+    with pytest.raises(
+        ConfigCheckError, match=r'init_cfg\.checkpoint.*nothing\.pth.*does not exist'
+    ):
+        validate_config(cfg)
 
 
 def test_amp_needs_cuda_and_resume_needs_a_file(toy_root, tmp_path):

@@ -54,7 +54,13 @@ from .mlla_ops import (  # noqa: F401  (the RoPE caches and helpers, re-exported
     rope_tables,
 )
 
-__all__ = ['MLLA', 'checkpoint_arch', 'convert_official_state_dict', 'rope_tables']
+__all__ = [
+    'MLLA',
+    'checkpoint_arch',
+    'convert_official_state_dict',
+    'pretrained_checkpoints',
+    'rope_tables',
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,10 +587,8 @@ class MLLA(BaseModule):
         """
         if self.is_init:
             return super().init_weights()  # mmengine warns that it ran before, and does nothing
-        cfgs = self.init_cfg if isinstance(self.init_cfg, list) else [self.init_cfg]
-        for cfg in cfgs:
-            if isinstance(cfg, dict) and cfg.get('type') in ('Pretrained', PretrainedInit):
-                check_checkpoint_file(cfg.get('checkpoint'), what='Pretrained checkpoint')
+        for path in pretrained_checkpoints(self.init_cfg):
+            check_checkpoint_file(path, what='Pretrained checkpoint')
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 trunc_normal_(m.weight, std=0.02)
@@ -782,6 +786,17 @@ class MLLA(BaseModule):
 # --------------------------------------------------------------------------------------------
 # Checkpoint filter
 # --------------------------------------------------------------------------------------------
+def pretrained_checkpoints(init_cfg: dict | list | None) -> list:
+    """The ``checkpoint`` of every ``Pretrained`` entry of an ``init_cfg`` in any of mmengine's
+    forms (None, a dict, a list of dicts)."""
+    cfgs = init_cfg if isinstance(init_cfg, (list, tuple)) else [init_cfg]
+    return [
+        cfg.get('checkpoint')
+        for cfg in cfgs
+        if isinstance(cfg, dict) and cfg.get('type') in ('Pretrained', PretrainedInit)
+    ]
+
+
 def _block_of(key: str) -> tuple[int, int] | None:
     """``(stage, block)`` of a ``layers.{i}.blocks.{j}.*`` key, else None."""
     parts = key.split('.')
