@@ -99,16 +99,24 @@ def _is_read_error(error: BaseException) -> bool:
     )
 
 
-def load_file(path, map_location='cpu', what: str = 'Checkpoint'):
-    """``torch.load(path, weights_only=True)`` after :func:`check_checkpoint_file`; unreadable
-    bytes (a truncated legacy pickle) give :class:`CheckpointFileError` too."""
-    check_checkpoint_file(path, what)
+@contextlib.contextmanager
+def _reading(path):
+    """Re-raise an error of unreadable bytes (a truncated legacy pickle) while loading ``path``
+    as :class:`CheckpointFileError`; any other error as it is."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        yield
     except Exception as e:
         if _is_read_error(e):
             raise _corrupt(path, f'{type(e).__name__}: {e}') from e
         raise
+
+
+def load_file(path, map_location='cpu', what: str = 'Checkpoint'):
+    """``torch.load(path, weights_only=True)`` after :func:`check_checkpoint_file`; unreadable
+    bytes (a truncated legacy pickle) give :class:`CheckpointFileError` too."""
+    check_checkpoint_file(path, what)
+    with _reading(path):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def register_checkpoint_check() -> None:
@@ -129,12 +137,8 @@ def register_checkpoint_check() -> None:
     def load_from_local(filename, map_location):
         path = filename[len('file://') :] if filename.startswith('file://') else filename
         check_checkpoint_file(os.path.expanduser(path))
-        try:
+        with _reading(filename):
             return original(filename, map_location)
-        except Exception as e:
-            if _is_read_error(e):
-                raise _corrupt(filename, f'{type(e).__name__}: {e}') from e
-            raise
 
     load_from_local.checks_files = True
     load_from_local.__doc__ = original.__doc__
