@@ -84,6 +84,8 @@ setup(
     # the current directory (Python would import that folder as an empty namespace package).
     package_dir={'': '.'},
     packages=find_packages(include=['mlla_mm', 'mlla_mm.*']),
+    # the C source of the fused CPU kernels, compiled on first use (cpu_kernels.py)
+    package_data={'mlla_mm.models.backbones': ['*.c']},
     # torch >= 2.3: torch.compiler.is_compiling (mlla_mm.utils.MIN_TORCH)
     install_requires=['torch>=2.3', 'mmengine>=0.10.0,<1.0', 'numpy'],
     extras_require=EXTRAS,

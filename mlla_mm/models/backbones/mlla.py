@@ -308,12 +308,12 @@ class LinearAttention(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
             v = ops.to_float(x, dtype, 'v')
-            qk = elu_plus_one(qk, dtype).view(b, h * w, 2, c)
             lepe = dwconv_nhwc(v, self.lepe).view(b, h * w, c)  # float32 weights and input
-            if ops.inference(x):
-                out = ops.attend_inplace(qk, v.view(b, h * w, c), lepe, h, w, self.num_heads)
+            qk, v = qk.view(b, h * w, 2, c), v.view(b, h * w, c)
+            if ops.inference(x):  # ELU + 1 within, fused where it can
+                out = ops.attend_inplace(qk, v, lepe, h, w, self.num_heads, dtype)
             else:
-                out = self._attend(qk, v.view(b, h * w, c), lepe, h, w)
+                out = self._attend(elu_plus_one(qk, dtype), v, lepe, h, w)
         return out.view(b, h, w, c)
 
     def _attend(self, qk, v, lepe, h: int, w: int) -> torch.Tensor:

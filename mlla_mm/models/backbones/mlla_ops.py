@@ -68,6 +68,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cpu_kernels
+
 __all__ = [
     'CAPS',
     'CHUNK_ELEMENTS',
@@ -121,12 +123,16 @@ class Capabilities:
         bf16: oneDNN runs bf16 kernels on this CPU (AVX512-BF16 or AMX; oneDNN reports it).
         amx: The CPU has AMX tiles for bf16 (``amx_bf16`` in ``/proc/cpuinfo``).
         isa: ``torch.backends.cpu.get_cpu_capability()`` (ATen's vector ISA).
+        cpu_kernels: The fused attention-core kernels of :mod:`.cpu_kernels` may be used (not
+            turned off by ``MLLA_MM_CPU_KERNELS=0``); they are compiled on first use, and the
+            ATen path runs where that fails.
     """
 
     onednn: bool
     bf16: bool
     amx: bool
     isa: str
+    cpu_kernels: bool = True
 
     @classmethod
     def detect(cls) -> Capabilities:
@@ -141,14 +147,23 @@ class Capabilities:
             isa = torch.backends.cpu.get_cpu_capability()
         except (AttributeError, RuntimeError):  # pragma: no cover - very old torch
             isa = 'unknown'
-        return cls(onednn=onednn, bf16=bf16, amx='amx_bf16' in _cpu_flags(), isa=isa)
+        amx = 'amx_bf16' in _cpu_flags()
+        return cls(onednn, bf16, amx, isa, cpu_kernels=cpu_kernels.enabled())
 
     def describe(self) -> str:
-        """One line for logs and benchmark output."""
+        """One line for logs and benchmark output (compiles the C kernels if not yet done)."""
+        ready = self.cpu_kernels and cpu_kernels.library() is not None
+        core = 'fused C kernels' if ready else 'ATen ops'
         if not self.onednn:
-            return f'plain ATen ops (no fused oneDNN kernels); ATen ISA {self.isa}'
+            return (
+                f'plain ATen ops (no fused oneDNN kernels); attention core: {core}; '
+                f'ATen ISA {self.isa}'
+            )
         kind = 'AMX' if self.amx else 'AVX512-BF16' if self.bf16 else 'none'
-        return f'oneDNN fused fp32 kernels; bf16 kernels: {kind}; ATen ISA {self.isa}'
+        return (
+            f'oneDNN fused fp32 kernels; bf16 kernels: {kind}; attention core: {core}; '
+            f'ATen ISA {self.isa}'
+        )
 
 
 CAPS = Capabilities.detect()
@@ -434,6 +449,9 @@ def gate(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     mixed-dtype product is not vectorised (a 64000 x 64 bf16 * float32 product: 17 ms, against
     3 ms for the cast and the bf16 product on one thread here).
     """
+    fusable = inference(y) and y.shape == g.shape and y.dtype == torch.float32
+    if fusable and CAPS.cpu_kernels and cpu_kernels.usable(y, g):
+        return cpu_kernels.gate_(y, g)  # one pass, one rounding
     y = y.to(g.dtype)
     if inference(y) and g.is_contiguous() and y.shape == g.shape:
         return g.mul_(y)
@@ -641,18 +659,27 @@ def rows_per_chunk(elements_per_row: int) -> int:
 
 
 def attend_inplace(
-    qk: torch.Tensor, v: torch.Tensor, lepe: torch.Tensor, h: int, w: int, heads: int
+    qk: torch.Tensor,
+    v: torch.Tensor,
+    lepe: torch.Tensor,
+    h: int,
+    w: int,
+    heads: int,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The attention core without autograd (``LinearAttention._attend`` computed in place).
 
-    Rotation, scaling and the output product run in place (the products accumulate into
-    ``lepe``), per image, on strided per-head views: each product is one batched GEMM over the
-    heads without a transpose copy.
+    ``ELU + 1``, rotation and the normaliser of q and k run as the fused kernels of
+    :func:`cpu_kernels.attention_features` where they can (CPU, float32 or bf16 q/k, float32
+    values), else as :func:`elu_plus_one` and in-place ATen ops. The two products run per
+    image on strided per-head views, each one batched GEMM over the heads without a transpose
+    copy; the output product accumulates into ``lepe``.
 
     Args:
-        qk: (B, N, 2, C) ``ELU + 1`` of q and k (overwritten by their rotation).
-        v: (B, N, C) values.
+        qk: (B, N, 2, C) q and k before the feature map (may be overwritten).
+        v: (B, N, C) values, in ``dtype``.
         lepe: (B, N, C) LePE of the values (the output is accumulated into it).
+        dtype: The core's dtype (float32 for half/bf16 input).
 
     Returns:
         Tensor: ``lepe``, now LePE(v) plus the attention output.
@@ -663,15 +690,24 @@ def attend_inplace(
     def split(t):  # (N, C) -> (heads, N, d), a view
         return t.view(n, heads, d).transpose(0, 1)
 
-    k_mean = qk[:, :, 1].mean(1).view(b, heads, 1, d)
-    z = []  # (heads, N, 1) per image; as a (1 x d) @ (d x N) product: a fast GEMM shape
-    for i in range(b):
-        dots = torch.bmm(k_mean[i], split(qk[i, :, 0]).transpose(1, 2))  # (heads, 1, N)
-        z.append(dots.add_(1e-6).reciprocal_().transpose(1, 2))
-    rot = rope_rotate(qk, h, w, inplace=True)
+    if dtype == torch.float32 and CAPS.cpu_kernels and cpu_kernels.usable(qk, v, lepe):
+        # rotated q / normaliser and rotated k, fused
+        out = qk if qk.dtype == dtype else workspace('qk_features', qk, dtype)
+        table = torch.view_as_real(rope_complex_table(h, w, c, qk.device, dtype))
+        rot = cpu_kernels.attention_features(qk, out, table, heads)
+        scaled = [split(rot[i, :, 0]) for i in range(b)]
+    else:
+        qk = elu_plus_one(qk, dtype)
+        k_mean = qk[:, :, 1].mean(1).view(b, heads, 1, d)
+        z = []  # (heads, N, 1) per image; as a (1 x d) @ (d x N) product: a fast GEMM shape
+        for i in range(b):
+            dots = torch.bmm(k_mean[i], split(qk[i, :, 0]).transpose(1, 2))  # (heads, 1, N)
+            z.append(dots.add_(1e-6).reciprocal_().transpose(1, 2))
+        rot = rope_rotate(qk, h, w, inplace=True)
+        scaled = [split(rot[i, :, 0]).mul_(z[i]) for i in range(b)]
     for i in range(b):
         kv = torch.bmm(split(rot[i, :, 1]).transpose(1, 2), split(v[i])).mul_(1.0 / n)
-        split(lepe[i]).baddbmm_(split(rot[i, :, 0]).mul_(z[i]), kv)
+        split(lepe[i]).baddbmm_(scaled[i], kv)
     return lepe
 
 

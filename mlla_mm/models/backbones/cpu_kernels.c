@@ -1,0 +1,129 @@
+/* Fused CPU kernels of the MLLA attention core at inference (see cpu_kernels.py).
+ *
+ * Plain C, no Python or torch headers: cpu_kernels.py compiles this file once per machine
+ * (cc -O3 -march=native) into a cache folder and calls it through ctypes on tensors' memory.
+ * Tensors are contiguous; "bf16" says whether a tensor holds bfloat16 (else
+ * float32). Float semantics are IEEE (no -ffast-math): NaN and inf propagate as in ATen.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Threads: OpenMP where compiled with -fopenmp. The library then runs on the OpenMP runtime
+ * torch has loaded (same soname, libgomp.so.1), so its threads are torch's own, already awake
+ * after the ATen op before; a second pool of threads would compete with them for the cores. */
+#ifdef _OPENMP
+#include <omp.h>
+static inline int omp_thread(void) { return omp_get_thread_num(); }
+#else
+static inline int omp_thread(void) { return 0; }
+#endif
+
+/* glibc's libmvec has SIMD versions of expf for SSE/AVX/AVX2/AVX-512; declaring them lets
+ * the vectoriser call them without -ffast-math (glibc declares them only under fast-math). */
+#ifndef MLLA_NO_LIBMVEC
+#pragma omp declare simd notinbranch
+float expf(float);
+#endif
+
+static inline float bf16_to_float(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+/* round to nearest even, NaN stays NaN (as c10::BFloat16) */
+static inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return ((u & 0x7FFFFFFFu) > 0x7F800000u) ? (uint16_t)((u >> 16) | 0x40u) : (uint16_t)rounded;
+}
+
+/* ELU(x) + 1 = exp(min(x, 0)) + max(x, 0); NaN propagates through the exp */
+static inline float elu_plus_one(float x) {
+  float negative = x > 0.0f ? 0.0f : x;
+  float positive = x > 0.0f ? x : 0.0f;
+  return expf(negative) + positive;
+}
+
+static inline void load_features(const void *src, int bf16, long offset, long c, float *dst) {
+  if (bf16) {
+    const uint16_t *s = (const uint16_t *)src + offset;
+#pragma omp simd
+    for (long i = 0; i < c; i++) dst[i] = elu_plus_one(bf16_to_float(s[i]));
+  } else {
+    const float *s = (const float *)src + offset;
+#pragma omp simd
+    for (long i = 0; i < c; i++) dst[i] = elu_plus_one(s[i]);
+  }
+}
+
+/* RoPE: channel pairs (2i, 2i + 1) times the complex number (cos, sin) of the table, then
+ * times scale[channel] when scale is given */
+static inline void rotate(const float *e, const float *table, const float *scale, long c,
+                          float *out) {
+#pragma omp simd
+  for (long i = 0; i < c; i += 2) {
+    float a = e[i], b = e[i + 1], cs = table[i], sn = table[i + 1];
+    float re = a * cs - b * sn, im = a * sn + b * cs;
+    out[i] = scale ? re * scale[i] : re;
+    out[i + 1] = scale ? im * scale[i + 1] : im;
+  }
+}
+
+/* Keys: k = ELU(qk[t, 1]) + 1; ksum += k (double, one row of C per thread, summed by the
+ * caller); out[t, 1] = RoPE(k). qk and out are (N, 2, C) (out may be qk when both are
+ * float32), table is (N, C / 2, 2). */
+void mlla_keys(const void *qk, int bf16, float *out, const float *table, double *ksum, long n,
+               long c, int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    float e[c];
+    double *sum = ksum + c * omp_thread();
+#pragma omp for schedule(static)
+    for (long t = 0; t < n; t++) {
+      load_features(qk, bf16, (2 * t + 1) * c, c, e);
+#pragma omp simd
+      for (long i = 0; i < c; i++) sum[i] += e[i];
+      rotate(e, table + t * c, 0, c, out + (2 * t + 1) * c);
+    }
+  }
+}
+
+/* Queries: q = ELU(qk[t, 0]) + 1, per head z = 1 / (q . kmean + 1e-6), out[t, 0] = RoPE(q) * z
+ * (the normaliser uses the un-rotated q and k). */
+void mlla_queries(const void *qk, int bf16, float *out, const float *table, const float *kmean,
+                  long n, long c, long heads, int threads) {
+  long d = c / heads;
+#pragma omp parallel num_threads(threads)
+  {
+    float e[c], z[c];
+#pragma omp for schedule(static)
+    for (long t = 0; t < n; t++) {
+      load_features(qk, bf16, 2 * t * c, c, e);
+      for (long h = 0; h < heads; h++) {
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (long i = h * d; i < (h + 1) * d; i++) dot += e[i] * kmean[i];
+        float inv = 1.0f / (dot + 1e-6f);
+        for (long i = h * d; i < (h + 1) * d; i++) z[i] = inv;
+      }
+      rotate(e, table + t * c, z, c, out + 2 * t * c);
+    }
+  }
+}
+
+/* g = g * y over n elements, in g's dtype (rounded once), y float32 */
+void mlla_gate(const float *y, void *g, int bf16, long n, int threads) {
+  if (bf16) {
+    uint16_t *p = (uint16_t *)g;
+#pragma omp parallel for simd num_threads(threads) schedule(static)
+    for (long i = 0; i < n; i++) p[i] = float_to_bf16(bf16_to_float(p[i]) * y[i]);
+  } else {
+    float *p = (float *)g;
+#pragma omp parallel for simd num_threads(threads) schedule(static)
+    for (long i = 0; i < n; i++) p[i] *= y[i];
+  }
+}

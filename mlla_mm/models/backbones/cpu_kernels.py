@@ -1,0 +1,218 @@
+"""Fused CPU kernels for the attention core at inference, compiled on first use.
+
+ATen runs the attention core's element-wise steps (``ELU + 1`` of q and k, the bf16 -> float32
+conversion, RoPE, the normaliser, the gate product) as separate passes over memory; on the
+64-channel stage-0 maps those passes cost more than the GEMMs around them. ``cpu_kernels.c``
+does them in two passes over the tokens (keys, then queries) and one for the gate, leaving the
+two products (``K^T V`` and ``Q (K^T V)``) to ATen's batched GEMMs.
+
+The C file has no Python or torch headers: on first use it is compiled with the system C
+compiler (``$CC``, else ``cc``; about a second) for this machine's CPU (``-march=native``) into
+a cache folder (``$MLLA_MM_KERNEL_CACHE``, else ``~/.cache/mlla_mm/kernels``), keyed by the
+source, the compiler and the CPU flags, and called through :mod:`ctypes` (which releases the
+GIL); the C code runs ``torch.get_num_threads()`` OpenMP threads on torch's own OpenMP runtime.
+Where no compiler works, one warning says so and the ATen path runs, with the same results;
+``MLLA_MM_CPU_KERNELS=0`` turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    'KernelBuildError',
+    'attention_features',
+    'build',
+    'enabled',
+    'gate_',
+    'library',
+    'usable',
+]
+
+SOURCE = Path(__file__).with_name('cpu_kernels.c')
+FLAGS = (
+    '-O3', '-march=native', '-mprefer-vector-width=512', '-fno-math-errno', '-fno-trapping-math',
+    '-fno-signed-zeros', '-fopenmp-simd', '-fPIC', '-shared',
+)  # fmt: skip
+# Tried in turn: OpenMP threads (on torch's libgomp, see cpu_kernels.c) and glibc's vector expf;
+# without OpenMP one thread; without libmvec (not glibc) expf per element. Same results.
+ATTEMPTS = (('-fopenmp', '-lmvec', '-lm'), ('-lmvec', '-lm'), ('-DMLLA_NO_LIBMVEC', '-lm'))
+MIN_SPLIT = 2**16  # elements: smaller calls run on one thread
+
+
+class KernelBuildError(RuntimeError):
+    """The C kernels could not be compiled or loaded."""
+
+
+def enabled() -> bool:
+    """Whether the kernels may be used (``MLLA_MM_CPU_KERNELS`` is not ``0``)."""
+    return os.environ.get('MLLA_MM_CPU_KERNELS', '1') != '0'
+
+
+def _cache_dir() -> Path:
+    folder = os.environ.get('MLLA_MM_KERNEL_CACHE')
+    if folder:
+        return Path(folder)
+    root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return Path(root) / 'mlla_mm' / 'kernels'
+
+
+def _cpu_flags() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((line for line in f if line.startswith(('flags', 'Features'))), '')
+    except OSError:
+        return platform.processor()
+
+
+def build(cc: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """Compile ``cpu_kernels.c`` for this machine, or find it compiled in the cache.
+
+    Args:
+        cc: The C compiler (default ``$CC``, else ``cc``).
+        cache_dir: Where compiled libraries are kept (default :func:`_cache_dir`).
+
+    Returns:
+        Path: The shared library.
+
+    Raises:
+        KernelBuildError: No compiler, or every compile attempt failed (the message holds the
+            compiler's error).
+    """
+    cc = cc or os.environ.get('CC') or 'cc'
+    compiler = shutil.which(cc)
+    if compiler is None:
+        raise KernelBuildError(f'no C compiler {cc!r} on PATH (set CC or install gcc/clang)')
+    try:
+        version = subprocess.run(
+            [compiler, '--version'], capture_output=True, text=True, timeout=30
+        ).stdout.splitlines()[:1]
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KernelBuildError(f'C compiler {compiler} does not run: {e}') from e
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b'\0'.join([source, str(version).encode(), ' '.join(FLAGS).encode(), _cpu_flags().encode()])
+    ).hexdigest()[:16]
+    folder = Path(cache_dir) if cache_dir is not None else _cache_dir()
+    target = folder / f'mlla_kernels_{key}.so'
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for libs in ATTEMPTS:
+        fd, tmp = tempfile.mkstemp(suffix='.so', dir=folder)
+        os.close(fd)
+        flags = [f for f in libs if not f.startswith('-l')]
+        links = [f for f in libs if f.startswith('-l')]
+        cmd = [compiler, *FLAGS, *flags, str(SOURCE), '-o', tmp, *links]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if result.returncode == 0:
+            try:
+                ctypes.CDLL(tmp)  # all symbols resolve (libmvec present)
+            except OSError as e:
+                errors.append(str(e))
+            else:
+                os.replace(tmp, target)  # atomic: a concurrent build writes the same file
+                return target
+        else:
+            errors.append(f'{" ".join(cmd)}: {result.stderr.strip()[-500:]}')
+        os.unlink(tmp)
+    raise KernelBuildError('compiling cpu_kernels.c failed: ' + ' | '.join(errors))
+
+
+_LIB: ctypes.CDLL | None = None
+_TRIED = False
+_LOCK = threading.Lock()
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None when they are off or cannot be built (warned once)."""
+    global _LIB, _TRIED
+    if _TRIED or not enabled():
+        return _LIB if enabled() else None
+    with _LOCK:
+        if not _TRIED:
+            try:
+                _LIB = _declare(ctypes.CDLL(str(build())))
+            except (KernelBuildError, OSError, subprocess.SubprocessError) as e:
+                warnings.warn(
+                    f'mlla_mm: fused CPU kernels unavailable, using ATen ops instead ({e}); set '
+                    'MLLA_MM_CPU_KERNELS=0 to silence this',
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            _TRIED = True
+    return _LIB
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    lib.mlla_keys.argtypes = [p, i, p, p, p, n, n, i]
+    lib.mlla_queries.argtypes = [p, i, p, p, p, n, n, n, i]
+    lib.mlla_gate.argtypes = [p, p, i, n, i]
+    for f in (lib.mlla_keys, lib.mlla_queries, lib.mlla_gate):
+        f.restype = None
+    return lib
+
+
+def _threads(elements: int) -> int:
+    """torch's thread count, or 1 for a call too small to split."""
+    return max(1, min(torch.get_num_threads(), elements // MIN_SPLIT))
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can run on these tensors: CPU, contiguous, float32 or bfloat16."""
+    ok = all(
+        t.device.type == 'cpu' and t.is_contiguous() and t.dtype in (torch.float32, torch.bfloat16)
+        for t in tensors
+    )
+    return ok and library() is not None
+
+
+def attention_features(
+    qk: torch.Tensor, out: torch.Tensor, table: torch.Tensor, heads: int
+) -> torch.Tensor:
+    """The rotated, normalised q and the rotated k of the attention core, in one call.
+
+    For each image: ``k = ELU(qk[:, 1]) + 1``, ``out[:, 1] = RoPE(k)``; then ``q = ELU(qk[:, 0])
+    + 1``, ``out[:, 0] = RoPE(q) / (q . mean(k) + 1e-6)`` per head.
+
+    Args:
+        qk: (B, N, 2, C) q and k before the feature map, float32 or bfloat16, contiguous.
+        out: (B, N, 2, C) float32 (may be ``qk`` itself when that is float32).
+        table: (N, C / 2, 2) float32 RoPE table (cos, sin), contiguous.
+        heads: Number of heads (the normaliser is per head).
+
+    Returns:
+        Tensor: ``out``.
+    """
+    lib = library()
+    b, n, _, c = qk.shape
+    bf16 = int(qk.dtype == torch.bfloat16)
+    threads = _threads(n * 2 * c)
+    ksum = torch.empty(threads, c, dtype=torch.float64)
+    for i in range(b):
+        src, dst = qk[i].data_ptr(), out[i].data_ptr()
+        ksum.zero_()
+        lib.mlla_keys(src, bf16, dst, table.data_ptr(), ksum.data_ptr(), n, c, threads)
+        kmean = (ksum.sum(0) / n).float()
+        lib.mlla_queries(src, bf16, dst, table.data_ptr(), kmean.data_ptr(), n, c, heads, threads)
+    return out
+
+
+def gate_(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``g *= y`` in ``g``'s dtype (float32 or bfloat16, rounded once), ``y`` float32."""
+    n, bf16 = g.numel(), int(g.dtype == torch.bfloat16)
+    library().mlla_gate(y.data_ptr(), g.data_ptr(), bf16, n, _threads(n))
+    return g

@@ -1,0 +1,167 @@
+"""Tests of the fused C kernels of the attention core (``mlla_mm.models.backbones.cpu_kernels``):
+they build once per machine and are reused from the cache, a missing or broken compiler gives one
+clear warning and the ATen path, and the kernels give the ATen path's results (float32, bf16,
+NaN, any thread count) inside the model too."""
+
+import dataclasses
+import os
+import shutil
+import stat
+
+import pytest
+import torch
+
+from mlla_mm import MLLA
+from mlla_mm.models.backbones import cpu_kernels
+from mlla_mm.models.backbones import mlla_ops as ops
+from mlla_mm.testing import TINY_ARCH, PlainMLLA, rel_err
+
+needs_cc = pytest.mark.skipif(
+    shutil.which(os.environ.get('CC') or 'cc') is None, reason='no C compiler here'
+)
+
+
+@pytest.fixture
+def aten_core(monkeypatch):
+    """The attention core on ATen ops (the kernels switched off)."""
+    monkeypatch.setattr(ops, 'CAPS', dataclasses.replace(ops.CAPS, cpu_kernels=False))
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch, tmp_path):
+    """A loader that has not tried to build yet, with its own cache folder."""
+    monkeypatch.setattr(cpu_kernels, '_LIB', None)
+    monkeypatch.setattr(cpu_kernels, '_TRIED', False)
+    monkeypatch.setenv('MLLA_MM_KERNEL_CACHE', str(tmp_path / 'cache'))
+    return tmp_path
+
+
+def core(qk, v, lepe, h, w, heads):
+    """attend_inplace on copies, so that both paths see the same inputs."""
+    with torch.no_grad():
+        return ops.attend_inplace(qk.clone(), v, lepe.clone(), h, w, heads)
+
+
+def core_inputs(b=2, h=7, w=9, c=24, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qk = torch.randn(b, h * w, 2, c, generator=g).to(dtype)
+    v, lepe = torch.randn(b, h * w, c, generator=g), torch.randn(b, h * w, c, generator=g)
+    return qk, v, lepe
+
+
+@needs_cc
+def test_kernels_build_once_and_come_from_the_cache(tmp_path):
+    path = cpu_kernels.build(cache_dir=tmp_path)
+    assert path.exists() and path.parent == tmp_path
+    mtime = path.stat().st_mtime_ns
+    assert cpu_kernels.build(cache_dir=tmp_path) == path
+    assert path.stat().st_mtime_ns == mtime  # not compiled again
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
+    assert cpu_kernels.library() is not None
+    assert 'attention core: fused C kernels' in ops.CAPS.describe()
+
+
+def test_missing_or_broken_compiler_is_named(tmp_path):
+    with pytest.raises(cpu_kernels.KernelBuildError, match="no C compiler 'no-such-cc'"):
+        cpu_kernels.build(cc='no-such-cc', cache_dir=tmp_path)
+    broken = tmp_path / 'broken-cc'
+    broken.write_text('#!/bin/sh\necho "broken-cc: cannot compile" >&2\nexit 1\n')
+    broken.chmod(broken.stat().st_mode | stat.S_IEXEC)
+    with pytest.raises(cpu_kernels.KernelBuildError, match='broken-cc: cannot compile'):
+        cpu_kernels.build(cc=str(broken), cache_dir=tmp_path / 'cache')
+    assert not list((tmp_path / 'cache').iterdir())  # failed attempts leave nothing
+
+
+def test_without_a_compiler_the_model_warns_once_and_runs_on_aten(fresh_loader, monkeypatch):
+    monkeypatch.setenv('CC', 'no-such-cc')
+    model = MLLA(arch=TINY_ARCH).eval()
+    ref = PlainMLLA(**TINY_ARCH, out_indices=model.out_indices).eval()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 40, 56)
+    warning = pytest.warns(RuntimeWarning, match='fused CPU kernels unavailable.*no-such-cc')
+    with warning, torch.no_grad():
+        outs = model(x)
+    assert cpu_kernels.library() is None  # tried once, not again
+    with torch.no_grad():
+        assert all(rel_err(o, r) <= 1e-5 for o, r in zip(outs, ref(x)))
+
+
+def test_environment_turns_the_kernels_off(fresh_loader, monkeypatch):
+    monkeypatch.setenv('MLLA_MM_CPU_KERNELS', '0')
+    assert not cpu_kernels.enabled() and cpu_kernels.library() is None
+    caps = ops.Capabilities.detect()
+    assert not caps.cpu_kernels and 'attention core: ATen ops' in caps.describe()
+    assert not (fresh_loader / 'cache').exists()  # nothing was compiled
+
+
+@needs_cc
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('c, heads', [(24, 2), (12, 3), (16, 1)])
+def test_fused_core_matches_aten(monkeypatch, dtype, c, heads):
+    """ELU + 1, RoPE, the per-head normaliser: the same result as the ATen ops, for float32
+    and bf16 q/k, even and odd head widths."""
+    qk, v, lepe = core_inputs(c=c, dtype=dtype)
+    calls = []
+    real = cpu_kernels.attention_features
+    monkeypatch.setattr(cpu_kernels, 'attention_features', lambda *a: calls.append(1) or real(*a))
+    fused = core(qk, v, lepe, 7, 9, heads)
+    assert calls
+    monkeypatch.setattr(ops, 'CAPS', dataclasses.replace(ops.CAPS, cpu_kernels=False))
+    assert rel_err(fused, core(qk, v, lepe, 7, 9, heads)) <= 2e-6
+
+
+@needs_cc
+def test_fused_core_propagates_nan_and_inf(aten_core):
+    qk, v, lepe = core_inputs(b=1)
+    qk[0, 5, 0, 3] = float('nan')  # a query: that token's output
+    qk[0, 11, 1, 2] = float('inf')  # a key: poisons the whole map via K^T V
+    aten = core(qk, v, lepe, 7, 9, 2)
+    ops.CAPS = dataclasses.replace(ops.CAPS, cpu_kernels=True)
+    fused = core(qk, v, lepe, 7, 9, 2)
+    assert torch.equal(fused.isnan(), aten.isnan()) and aten.isnan().any()
+
+
+@needs_cc
+def test_gate_rounds_once_like_aten():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(3, 1000, generator=g) * 10
+    y[0, :4] = torch.tensor([float('nan'), float('inf'), -float('inf'), 3e38])
+    for dtype in (torch.float32, torch.bfloat16):
+        gate = torch.randn(3, 1000, generator=g).to(dtype)
+        expected = (gate.float() * y).to(dtype)
+        out = cpu_kernels.gate_(y, gate.clone())
+        assert torch.equal(out.isnan(), expected.isnan())
+        assert torch.equal(out.nan_to_num(), expected.nan_to_num())  # bit for bit
+
+
+@needs_cc
+def test_threads_split_the_work_with_the_same_result():
+    n = cpu_kernels.MIN_SPLIT  # enough tokens to split
+    qk, v, lepe = core_inputs(b=1, h=n // 64, w=64, c=32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = core(qk, v, lepe, n // 64, 64, 2)
+        torch.set_num_threads(3)
+        assert cpu_kernels._threads(n * 64) == 3
+        three = core(qk, v, lepe, n // 64, 64, 2)
+    finally:
+        torch.set_num_threads(threads)
+    assert rel_err(three, one) <= 1e-6
+
+
+@needs_cc
+@pytest.mark.parametrize('autocast', [False, True])
+def test_model_with_fused_core_matches_plain_transcription(autocast):
+    torch.manual_seed(0)
+    model = MLLA(arch=TINY_ARCH).eval()
+    ref = PlainMLLA(**TINY_ARCH, out_indices=model.out_indices).eval()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 45, 61)
+    with torch.no_grad():
+        refs = ref(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            outs = model(x)
+    assert cpu_kernels.library() is not None
+    tolerance = 3e-2 if autocast else 1e-5  # bf16: as test_mlla_strategies.BF16_TOLERANCE
+    assert all(rel_err(o.float(), r) <= tolerance for o, r in zip(outs, refs))
