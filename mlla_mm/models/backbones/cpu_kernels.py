@@ -46,8 +46,12 @@ FLAGS = (
     '-fno-signed-zeros', '-fopenmp-simd', '-fPIC', '-shared',
 )  # fmt: skip
 # Tried in turn: OpenMP threads (on torch's libgomp, see cpu_kernels.c) and glibc's vector expf;
-# without OpenMP one thread; without libmvec (not glibc) expf per element. Same results.
-ATTEMPTS = (('-fopenmp', '-lmvec', '-lm'), ('-lmvec', '-lm'), ('-DMLLA_NO_LIBMVEC', '-lm'))
+# without libmvec (not glibc) expf per element; without OpenMP one thread. Same results.
+ATTEMPTS = (
+    ('-fopenmp', '-lmvec', '-lm'),
+    ('-fopenmp', '-DMLLA_NO_LIBMVEC', '-lm'),
+    ('-DMLLA_NO_LIBMVEC', '-lm'),
+)
 MIN_SPLIT = 2**16  # elements: smaller calls run on one thread
 
 
