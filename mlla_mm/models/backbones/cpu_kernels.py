@@ -42,9 +42,9 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name('cpu_kernels.c')
 FLAGS = (
-    '-O3', '-march=native', '-mprefer-vector-width=512', '-fno-math-errno', '-fno-trapping-math',
-    '-fno-signed-zeros', '-fopenmp-simd', '-fPIC', '-shared',
-)  # fmt: skip
+    '-O3', '-fno-math-errno', '-fno-trapping-math', '-fno-signed-zeros', '-fopenmp-simd', '-fPIC',
+    '-shared',
+) + (('-mprefer-vector-width=512',) if platform.machine() in ('x86_64', 'AMD64') else ())  # fmt: skip
 # Tried in turn: OpenMP threads (on torch's libgomp, see cpu_kernels.c) and glibc's vector expf;
 # without libmvec (not glibc) expf per element; without OpenMP one thread. Same results.
 ATTEMPTS = (
@@ -80,12 +80,16 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
-def build(cc: str | None = None, cache_dir: str | Path | None = None) -> Path:
+def build(
+    cc: str | None = None, cache_dir: str | Path | None = None, march: str = 'native'
+) -> Path:
     """Compile ``cpu_kernels.c`` for this machine, or find it compiled in the cache.
 
     Args:
         cc: The C compiler (default ``$CC``, else ``cc``).
         cache_dir: Where compiled libraries are kept (default :func:`_cache_dir`).
+        march: The target CPU (``-march``): this machine's by default; the tests also build
+            for the x86-64 baseline (SSE2), as a CPU without AVX would run them.
 
     Returns:
         Path: The shared library.
@@ -105,8 +109,9 @@ def build(cc: str | None = None, cache_dir: str | Path | None = None) -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelBuildError(f'C compiler {compiler} does not run: {e}') from e
     source = SOURCE.read_bytes()
+    flags = (f'-march={march}', *FLAGS)
     key = hashlib.sha256(
-        b'\0'.join([source, str(version).encode(), ' '.join(FLAGS).encode(), _cpu_flags().encode()])
+        b'\0'.join([source, str(version).encode(), ' '.join(flags).encode(), _cpu_flags().encode()])
     ).hexdigest()[:16]
     folder = Path(cache_dir) if cache_dir is not None else _cache_dir()
     target = folder / f'mlla_kernels_{key}.so'
@@ -117,9 +122,9 @@ def build(cc: str | None = None, cache_dir: str | Path | None = None) -> Path:
     for libs in ATTEMPTS:
         fd, tmp = tempfile.mkstemp(suffix='.so', dir=folder)
         os.close(fd)
-        flags = [f for f in libs if not f.startswith('-l')]
+        defines = [f for f in libs if not f.startswith('-l')]
         links = [f for f in libs if f.startswith('-l')]
-        cmd = [compiler, *FLAGS, *flags, str(SOURCE), '-o', tmp, *links]
+        cmd = [compiler, *flags, *defines, str(SOURCE), '-o', tmp, *links]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if result.returncode == 0:
             try:
@@ -148,7 +153,7 @@ def library() -> ctypes.CDLL | None:
     with _LOCK:
         if not _TRIED:
             try:
-                _LIB = _declare(ctypes.CDLL(str(build())))
+                _LIB = load(build())
             except (KernelBuildError, OSError, subprocess.SubprocessError) as e:
                 warnings.warn(
                     f'mlla_mm: fused CPU kernels unavailable, using ATen ops instead ({e}); set '
@@ -160,7 +165,9 @@ def library() -> ctypes.CDLL | None:
     return _LIB
 
 
-def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+def load(path: str | Path) -> ctypes.CDLL:
+    """Load a library :func:`build` made, with its functions' signatures declared."""
+    lib = ctypes.CDLL(str(path))
     p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     lib.mlla_keys.argtypes = [p, i, p, p, p, n, n, i]
     lib.mlla_queries.argtypes = [p, i, p, p, p, n, n, n, i]
@@ -175,13 +182,24 @@ def _threads(elements: int) -> int:
     return max(1, min(torch.get_num_threads(), elements // MIN_SPLIT))
 
 
+def _dispatch_mode_active() -> bool:
+    """Whether a ``TorchDispatchMode`` (a FLOP counter, FakeTensor mode...) is watching: the C
+    kernels work on memory directly, unseen by it, so the ATen ops run instead."""
+    depth = getattr(torch._C, '_len_torch_dispatch_stack', None)
+    return depth is None or depth() > 0
+
+
 def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels can run on these tensors: CPU, contiguous, float32 or bfloat16."""
+    """Whether the kernels can run on these tensors: plain CPU tensors (no subclass, no dispatch
+    mode watching), contiguous, float32 or bfloat16."""
     ok = all(
-        t.device.type == 'cpu' and t.is_contiguous() and t.dtype in (torch.float32, torch.bfloat16)
+        type(t) is torch.Tensor
+        and t.device.type == 'cpu'
+        and t.is_contiguous()
+        and t.dtype in (torch.float32, torch.bfloat16)
         for t in tensors
     )
-    return ok and library() is not None
+    return ok and not _dispatch_mode_active() and library() is not None
 
 
 def attention_features(

@@ -23,6 +23,11 @@ CPU and where a kernel is missing; without autograd on the CPU a fused oneDNN ke
 * :func:`to_float` / :func:`workspace` - float32 copies of half/bf16 q/k and v for the attention
   core in reused buffers (no fresh pages per block).
 
+Fused C kernels (:mod:`.cpu_kernels`, compiled on first use; ATen ops where no C compiler works):
+``ELU + 1``, RoPE and the normaliser of q and k in two passes over the tokens (bf16 or float32
+in, float32 out) inside :func:`attend_inplace`, and the gate product with one rounding inside
+:func:`gate`.
+
 Layer strategies (inference without autograd, on the layer's modules):
 
 * :func:`attend_inplace` - the attention core in place on strided per-head views;
@@ -54,8 +59,10 @@ high resolution (docs/performance.md).
 Capabilities
 ------------
 The private ``torch.ops.mkldnn`` kernels are used only where :data:`CAPS` says they exist
-(``onednn``) and bf16 kernels only where oneDNN reports bf16 support (``bf16``); otherwise the
-plain ops run, with the same results. Tests switch the flags off to check that fallback.
+(``onednn``), bf16 kernels only where oneDNN reports bf16 support (``bf16``), and the C kernels
+only where they may (``cpu_kernels``, off with ``MLLA_MM_CPU_KERNELS=0``) and could be built;
+otherwise the plain ops run, with the same results. Tests switch the flags off to check that
+fallback.
 """
 
 from __future__ import annotations

@@ -5,11 +5,13 @@ NaN, any thread count) inside the model too."""
 
 import dataclasses
 import os
+import platform
 import shutil
 import stat
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mlla_mm import MLLA
 from mlla_mm.models.backbones import cpu_kernels
@@ -108,6 +110,46 @@ def test_fused_core_matches_aten(monkeypatch, dtype, c, heads):
     assert calls
     monkeypatch.setattr(ops, 'CAPS', dataclasses.replace(ops.CAPS, cpu_kernels=False))
     assert rel_err(fused, core(qk, v, lepe, 7, 9, heads)) <= 2e-6
+
+
+@needs_cc
+@pytest.mark.skipif(platform.machine() != 'x86_64', reason='x86-64 baseline build')
+def test_kernels_built_for_a_cpu_without_avx_match_aten(monkeypatch, tmp_path):
+    """The kernels as a CPU without AVX/AVX-512 (or a different compiler's vector choices)
+    would run them: built for the x86-64 baseline (SSE2), same results as ATen."""
+    baseline = cpu_kernels.build(cache_dir=tmp_path, march='x86-64')
+    assert baseline != cpu_kernels.build(cache_dir=tmp_path)  # its own cache entry
+    monkeypatch.setattr(cpu_kernels, '_LIB', cpu_kernels.load(baseline))
+    monkeypatch.setattr(cpu_kernels, '_TRIED', True)
+    for dtype in (torch.float32, torch.bfloat16):
+        qk, v, lepe = core_inputs(c=40, dtype=dtype)
+        fused = core(qk, v, lepe, 7, 9, 5)
+        with monkeypatch.context() as m:
+            m.setattr(ops, 'CAPS', dataclasses.replace(ops.CAPS, cpu_kernels=False))
+            assert rel_err(fused, core(qk, v, lepe, 7, 9, 5)) <= 2e-6
+    y, g = torch.randn(4, 999), torch.randn(4, 999).bfloat16()
+    assert torch.equal(cpu_kernels.gate_(y, g.clone()), (g.float() * y).bfloat16())
+
+
+@needs_cc
+def test_dispatch_modes_see_the_aten_ops(monkeypatch):
+    """Under a TorchDispatchMode (FLOP counters, FakeTensor) the kernels, which work on memory
+    unseen by it, step aside: every op of the core is dispatched."""
+    calls, seen = [], []
+    real = cpu_kernels.attention_features
+    monkeypatch.setattr(cpu_kernels, 'attention_features', lambda *a: calls.append(1) or real(*a))
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    qk, v, lepe = core_inputs()
+    with Watch():
+        core(qk, v, lepe, 7, 9, 2)
+    assert not calls and {'bmm', 'exp_', 'baddbmm_'} <= set(seen)
+    core(qk, v, lepe, 7, 9, 2)
+    assert calls
 
 
 @needs_cc
