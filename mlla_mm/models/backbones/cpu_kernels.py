@@ -41,10 +41,11 @@ __all__ = [
 ]
 
 SOURCE = Path(__file__).with_name('cpu_kernels.c')
+X86 = platform.machine() in ('x86_64', 'AMD64')
 FLAGS = (
     '-O3', '-fno-math-errno', '-fno-trapping-math', '-fno-signed-zeros', '-fopenmp-simd', '-fPIC',
-    '-shared',
-) + (('-mprefer-vector-width=512',) if platform.machine() in ('x86_64', 'AMD64') else ())  # fmt: skip
+    '-shared', *(('-mprefer-vector-width=512',) if X86 else ()),
+)  # fmt: skip
 # Tried in turn: OpenMP threads (on torch's libgomp, see cpu_kernels.c) and glibc's vector expf;
 # without libmvec (not glibc) expf per element; without OpenMP one thread. Same results.
 ATTEMPTS = (
