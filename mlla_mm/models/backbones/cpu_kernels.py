@@ -37,6 +37,7 @@ __all__ = [
     'enabled',
     'gate_',
     'library',
+    'load',
     'usable',
 ]
 
@@ -118,7 +119,14 @@ def build(
     target = folder / f'mlla_kernels_{key}.so'
     if target.exists():
         return target
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: the temporary folder
+        folder = Path(tempfile.gettempdir()) / f'mlla_mm_kernels_{getattr(os, "getuid", int)()}'
+        target = folder / target.name
+        if target.exists():
+            return target
+        folder.mkdir(parents=True, exist_ok=True)
     errors = []
     for libs in ATTEMPTS:
         fd, tmp = tempfile.mkstemp(suffix='.so', dir=folder)

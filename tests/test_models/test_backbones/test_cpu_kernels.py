@@ -8,6 +8,7 @@ import os
 import platform
 import shutil
 import stat
+import tempfile
 
 import pytest
 import torch
@@ -61,6 +62,15 @@ def test_kernels_build_once_and_come_from_the_cache(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
     assert cpu_kernels.library() is not None
     assert 'attention core: fused C kernels' in ops.CAPS.describe()
+
+
+@needs_cc
+def test_unwritable_cache_falls_back_to_the_temporary_folder(monkeypatch, tmp_path):
+    blocker = tmp_path / 'a-file'
+    blocker.write_text('')  # a cache folder inside a file cannot be made, even by root
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
+    path = cpu_kernels.build(cache_dir=blocker / 'cache')
+    assert path.exists() and path.parent == tmp_path / f'mlla_mm_kernels_{os.getuid()}'
 
 
 def test_missing_or_broken_compiler_is_named(tmp_path):
