@@ -24,6 +24,8 @@ static inline int omp_thread(void) { return 0; }
 #ifndef MLLA_NO_LIBMVEC
 #pragma omp declare simd notinbranch
 float expf(float);
+#pragma omp declare simd notinbranch
+float erff(float);
 #endif
 
 static inline float bf16_to_float(uint16_t h) {
@@ -125,5 +127,79 @@ void mlla_gate(const float *y, void *g, int bf16, long n, int threads) {
     float *p = (float *)g;
 #pragma omp parallel for simd num_threads(threads) schedule(static)
     for (long i = 0; i < n; i++) p[i] *= y[i];
+  }
+}
+
+static inline void load_row(const void *src, int bf16, long offset, long c, float *dst) {
+  if (bf16) {
+    const uint16_t *p = (const uint16_t *)src + offset;
+#pragma omp simd
+    for (long i = 0; i < c; i++) dst[i] = bf16_to_float(p[i]);
+  } else {
+    memcpy(dst, (const float *)src + offset, c * sizeof(float));
+  }
+}
+
+static inline void store_row(void *dst, int bf16, long offset, long c, const float *src) {
+  if (bf16) {
+    uint16_t *p = (uint16_t *)dst + offset;
+#pragma omp simd
+    for (long i = 0; i < c; i++) p[i] = float_to_bf16(src[i]);
+  } else {
+    memcpy((float *)dst + offset, src, c * sizeof(float));
+  }
+}
+
+static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+static inline float gelu(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
+
+enum { ACT_NONE = 0, ACT_SILU = 1, ACT_GELU = 2 };
+
+/* y = act(y + bias) in place, y (rows, C) in float32 or bf16: the epilogue of a GEMM that
+ * wrote into a reused buffer (GELU exact, with erf). */
+void mlla_bias_act(void *y, int bf16, const float *bias, long rows, long c, int act,
+                   int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    float v[c];
+#pragma omp for schedule(static)
+    for (long r = 0; r < rows; r++) {
+      load_row(y, bf16, r * c, c, v);
+      if (act == ACT_SILU) {
+#pragma omp simd
+        for (long i = 0; i < c; i++) v[i] = silu(v[i] + bias[i]);
+      } else if (act == ACT_GELU) {
+#pragma omp simd
+        for (long i = 0; i < c; i++) v[i] = gelu(v[i] + bias[i]);
+      } else {
+#pragma omp simd
+        for (long i = 0; i < c; i++) v[i] += bias[i];
+      }
+      store_row(y, bf16, r * c, c, v);
+    }
+  }
+}
+
+/* out = LayerNorm(x) over the last dimension C of (rows, C), biased variance, float32 maths;
+ * x and out float32 or bf16, weight and bias float32. */
+void mlla_layer_norm(const void *x, int x_bf16, const float *weight, const float *bias, float eps,
+                     void *out, int out_bf16, long rows, long c, int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    float v[c];
+#pragma omp for schedule(static)
+    for (long r = 0; r < rows; r++) {
+      load_row(x, x_bf16, r * c, c, v);
+      float mean = 0.0f, var = 0.0f;
+#pragma omp simd reduction(+ : mean)
+      for (long i = 0; i < c; i++) mean += v[i];
+      mean /= (float)c;
+#pragma omp simd reduction(+ : var)
+      for (long i = 0; i < c; i++) var += (v[i] - mean) * (v[i] - mean);
+      float rstd = 1.0f / sqrtf(var / (float)c + eps);
+#pragma omp simd
+      for (long i = 0; i < c; i++) v[i] = (v[i] - mean) * rstd * weight[i] + bias[i];
+      store_row(out, out_bf16, r * c, c, v);
+    }
   }
 }

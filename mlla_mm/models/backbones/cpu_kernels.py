@@ -181,7 +181,16 @@ def load(path: str | Path) -> ctypes.CDLL:
     lib.mlla_keys.argtypes = [p, i, p, p, p, n, n, i]
     lib.mlla_queries.argtypes = [p, i, p, p, p, n, n, n, i]
     lib.mlla_gate.argtypes = [p, p, i, n, i]
-    for f in (lib.mlla_keys, lib.mlla_queries, lib.mlla_gate):
+    lib.mlla_bias_act.argtypes = [p, i, p, n, n, i, i]
+    lib.mlla_layer_norm.argtypes = [p, i, p, p, ctypes.c_float, p, i, n, n, i]
+    kernels = (
+        lib.mlla_keys,
+        lib.mlla_queries,
+        lib.mlla_gate,
+        lib.mlla_bias_act,
+        lib.mlla_layer_norm,
+    )
+    for f in kernels:
         f.restype = None
     return lib
 
@@ -247,3 +256,39 @@ def gate_(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     n, bf16 = g.numel(), int(g.dtype == torch.bfloat16)
     library().mlla_gate(y.data_ptr(), g.data_ptr(), bf16, n, _threads(n))
     return g
+
+
+ACTS = {None: 0, 'silu': 1, 'gelu': 2}
+
+
+def bias_act_(y: torch.Tensor, bias: torch.Tensor | None, act: str | None) -> torch.Tensor:
+    """``y = act(y + bias)`` in place over the last dimension (a GEMM's epilogue).
+
+    Args:
+        y: (..., C) float32 or bf16, contiguous.
+        bias: (C,) float32, or None.
+        act: None, ``'silu'`` or ``'gelu'`` (exact, with erf).
+    """
+    c = y.shape[-1]
+    if bias is None:
+        bias = y.new_zeros(c, dtype=torch.float32)
+    rows, bf16, threads = y.numel() // c, int(y.dtype == torch.bfloat16), _threads(y.numel())
+    library().mlla_bias_act(y.data_ptr(), bf16, bias.data_ptr(), rows, c, ACTS[act], threads)
+    return y
+
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out: torch.Tensor
+) -> torch.Tensor:
+    """``out = LayerNorm(x)`` over the last dimension, into ``out`` (float32 maths).
+
+    Args:
+        x, out: (..., C) float32 or bf16, contiguous.
+        weight, bias: (C,) float32.
+    """
+    c = x.shape[-1]
+    library().mlla_layer_norm(
+        x.data_ptr(), int(x.dtype == torch.bfloat16), weight.data_ptr(), bias.data_ptr(), eps,
+        out.data_ptr(), int(out.dtype == torch.bfloat16), x.numel() // c, c, _threads(x.numel()),
+    )  # fmt: skip
+    return out

@@ -295,20 +295,23 @@ class LinearAttention(nn.Module):
         self.qk = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.lepe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scratch: str | None = None) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C) in the core's dtype: float32 for half/bf16 input (the
         block casts it back within its gate product).
 
         q and k come out of one GEMM as a (B, N, 2, C) tensor and are rotated together. The heads
         are a batch dimension of strided views, so each product is one batched GEMM over all
-        heads without a transpose copy; see :meth:`_attend`.
+        heads without a transpose copy; see :meth:`_attend`. ``scratch`` (for a caller that is
+        done with the result before the next call, as :class:`MLLABlock`): the output may be
+        the reused :func:`~mlla_ops.workspace` of that name.
         """
         b, h, w, c = x.shape
-        qk = ops.linear(x, self.qk.weight, self.qk.bias)
+        qk = ops.linear(x, self.qk.weight, self.qk.bias, scratch='qk')
         with torch.autocast(x.device.type, enabled=False):
             dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
             v = ops.to_float(x, dtype, 'v')
-            lepe = dwconv_nhwc(v, self.lepe).view(b, h * w, c)  # float32 weights and input
+            lepe = dwconv_nhwc(v, self.lepe, scratch=scratch)  # float32 weights and input
+            lepe = lepe.view(b, h * w, c)
             qk, v = qk.view(b, h * w, 2, c), v.view(b, h * w, c)
             if ops.inference(x):  # ELU + 1 within, fused where it can
                 out = ops.attend_inplace(qk, v, lepe, h, w, self.num_heads, dtype)
@@ -378,11 +381,12 @@ class MLLABlock(nn.Module):
         """
         x = dwconv_nhwc(x, self.cpe1, residual=True)  # x + CPE(x), one conv
         shortcut = x
-        x = self.norm1(x)
-        gate = ops.linear(x, self.act_proj.weight, self.act_proj.bias, 'silu')
-        x = ops.linear(x, self.in_proj.weight, self.in_proj.bias)
-        x = dwconv_nhwc(x, self.dwc, act='silu')  # SiLU(DWConv(x))
-        x = ops.gate(self.attn(x), gate)  # attention (float32 core) * gate, in gate's dtype
+        x = ops.layer_norm(x, self.norm1, scratch='norm1')
+        gate = ops.linear(x, self.act_proj.weight, self.act_proj.bias, 'silu', scratch='gate')
+        x = ops.linear(x, self.in_proj.weight, self.in_proj.bias, scratch='in_proj')
+        x = dwconv_nhwc(x, self.dwc, act='silu', scratch='dwc')  # SiLU(DWConv(x))
+        # attention (float32 core) * gate, in gate's dtype
+        x = ops.gate(self.attn(x, scratch='attn'), gate)
         if self._drop_path_active:
             x = shortcut + self.drop_path(self.out_proj(x))
         else:

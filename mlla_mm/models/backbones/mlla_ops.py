@@ -20,6 +20,7 @@ CPU and where a kernel is missing; without autograd on the CPU a fused oneDNN ke
 * :func:`rope_rotate` - RoPE of q and k as one complex product with a cached table;
 * :func:`gate` - ``y * g`` in place into ``g`` (the float32 attention output cast first);
 * :func:`to_nchw` - tokens to a contiguous NCHW output as one 2-D transpose per image;
+* :func:`layer_norm` - LayerNorm, into a workspace for large results (see Memory);
 * :func:`to_float` / :func:`workspace` - float32 copies of half/bf16 q/k and v for the attention
   core in reused buffers (no fresh pages per block).
 
@@ -52,9 +53,15 @@ checks per layer and keeps one model object correct everywhere.
 
 Memory
 ------
-:func:`keep_freed_memory` (opt-in, process-wide) stops glibc from returning freed memory, so that
-large tensors are not faulted in afresh at every call: the cause of the superlinear latency at
-high resolution (docs/performance.md).
+Large fresh tensors are faulted in afresh at every call (glibc maps every allocation at or
+above its mmap threshold anew): the cause of the superlinear latency at high resolution
+(docs/performance.md). Inside a block, results of at least :data:`SCRATCH_MIN_BYTES` (the
+stage-0/1 maps above ~1280x800) go to per-thread :func:`workspace` buffers instead: the
+``scratch=`` argument of :func:`linear` (``torch.mm(out=)`` and a C bias/activation epilogue),
+:func:`layer_norm` (C kernel) and :func:`dwconv_nhwc` (oneDNN's conv accumulating into a zeroed
+buffer); a module's output is always a fresh tensor. Below that size oneDNN's fused epilogues
+on heap-reused tensors are faster. :func:`keep_freed_memory` (opt-in, process-wide) stops glibc
+from returning freed memory at all, for every tensor of the process.
 
 Capabilities
 ------------
@@ -67,6 +74,7 @@ fallback.
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from dataclasses import dataclass
@@ -94,6 +102,7 @@ __all__ = [
     'inference',
     'keep_freed_memory',
     'kernel_dtype',
+    'layer_norm',
     'linear',
     'patch_merging_bands',
     'release_workspace',
@@ -251,24 +260,28 @@ def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 _WORKSPACE = threading.local()
 
 
-def workspace(name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A reusable buffer of ``like``'s shape in ``dtype`` (inference scratch space).
+def workspace(
+    name: str, like: torch.Tensor, dtype: torch.dtype, shape: tuple | None = None
+) -> torch.Tensor:
+    """A reusable buffer of ``like``'s shape (or ``shape``) in ``dtype`` (inference scratch).
 
-    The attention core of a half/bf16 input converts q/k and v to float32 in every block; fresh
-    buffers for them are page-faulted in at every call (glibc returns large freed blocks to the
-    kernel), which cost as much as the conversion itself. One buffer per name and thread is
-    kept instead, grown when a larger one is needed and reused by the next block and the next
-    call; :func:`release_workspace` frees them. Callers must be done with a buffer before they
-    ask for the same name again.
+    Fresh large tensors are page-faulted in at every call (glibc maps every allocation at or
+    above its mmap threshold afresh and unmaps it on free; a 16 MB float32 stage-0 map at
+    1280x800 costs ~3.5 ms of faults on one core here), which cost as much as the work on them.
+    One buffer per name and thread is kept instead, grown when a larger one is needed and reused
+    by the next block and the next call; :func:`release_workspace` frees them. Callers must be
+    done with a buffer before they ask for the same name again, and a buffer never leaves the
+    layer that asked for it (a module's output is always a fresh tensor).
     """
+    shape = tuple(like.shape if shape is None else shape)
+    numel = math.prod(shape)
     buffers = _WORKSPACE.__dict__
-    numel = like.numel()
     buf = buffers.get(name)
     if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != like.device:
         with torch.inference_mode(False), torch.no_grad():
             buf = torch.empty(numel, dtype=dtype, device=like.device)
         buffers[name] = buf
-    return buf[:numel].view(like.shape)
+    return buf[:numel].view(shape)
 
 
 def release_workspace() -> None:
@@ -333,16 +346,49 @@ def _act(y: torch.Tensor, act: str | None) -> torch.Tensor:
     return y
 
 
+# glibc serves every allocation at or above its mmap threshold (dynamic, at most 32 MiB on
+# 64-bit) with freshly mapped pages; smaller ones come from its heap and are reused
+SCRATCH_MIN_BYTES = 16 * 2**20
+
+
+def scratch_dtype(x: torch.Tensor, weight: torch.Tensor, numel: int) -> torch.dtype | None:
+    """The dtype in which a layer may write a result of ``numel`` elements into a
+    :func:`workspace` buffer with the C kernels (:mod:`.cpu_kernels`), or None.
+
+    Only results of at least :data:`SCRATCH_MIN_BYTES` go to a workspace: those the allocator
+    would map afresh (page faults at every call; the high-resolution maps of stages 0 and 1),
+    while below it oneDNN's fused epilogues on a heap-reused tensor are faster. float32 or bf16,
+    where :func:`kernel_dtype` allows a fused kernel and the C kernels are built.
+    """
+    dtype = kernel_dtype(x, weight)
+    if dtype is None or not CAPS.cpu_kernels or numel * dtype.itemsize < SCRATCH_MIN_BYTES:
+        return None
+    return dtype if cpu_kernels.usable(x) else None
+
+
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: str | None = None,
+    scratch: str | None = None,
 ) -> torch.Tensor:
     """``act(x W^T + b)`` for ``act`` in None/relu/gelu (exact)/silu; x is (..., C_in).
 
     A fused kernel (:func:`kernel_dtype`) computes it in one GEMM with the bias and the
     activation in its epilogue; otherwise ``F.linear`` and the activation (in place without
-    autograd).
+    autograd). With ``scratch`` (a layer-internal result) the GEMM writes into the
+    :func:`workspace` of that name and a C kernel adds the bias and the activation in place.
     """
     dtype = kernel_dtype(x, weight)
+    shape = (*x.shape[:-1], weight.shape[0])
+    wants_scratch = scratch is not None and act != 'relu'
+    if wants_scratch and scratch_dtype(x, weight, math.prod(shape)) is not None:
+        out = workspace(scratch, x, dtype, shape)
+        with torch.autocast('cpu', enabled=False):
+            tokens = cast(x, dtype).view(-1, x.shape[-1])
+            torch.mm(tokens, cast(weight, dtype).t(), out=out.view(-1, shape[-1]))
+        return cpu_kernels.bias_act_(out, cast(bias, torch.float32), act)
     if dtype is not None:
         algorithm = 'none' if act == 'gelu' else ''
         return torch.ops.mkldnn._linear_pointwise(
@@ -424,7 +470,11 @@ def _identity_taps(layer: nn.Conv2d) -> torch.Tensor:
 
 
 def dwconv_nhwc(
-    x: torch.Tensor, layer: nn.Conv2d, residual: bool = False, act: str | None = None
+    x: torch.Tensor,
+    layer: nn.Conv2d,
+    residual: bool = False,
+    act: str | None = None,
+    scratch: str | None = None,
 ) -> torch.Tensor:
     """Apply a (depthwise) conv to channels-last tokens (B, H, W, C) without copies.
 
@@ -438,8 +488,25 @@ def dwconv_nhwc(
             one (exact in real arithmetic; the gradient w.r.t. ``conv.weight`` is unchanged),
             which saves the separate addition pass.
         act: None or ``'silu'``, applied to the result (in the fused kernel's epilogue).
+        scratch: For a layer-internal result (not with ``residual``): the conv accumulates
+            into the zeroed :func:`workspace` of that name (oneDNN's in-place conv), and the
+            activation runs in place.
     """
     weight, bias = layer.weight, layer.bias
+    pair = nn.modules.utils._pair
+    same_shape = pair(layer.stride) == (1, 1) and pair(layer.dilation) == (1, 1)
+    same_shape &= pair(layer.padding) == tuple(k // 2 for k in pair(layer.kernel_size))
+    dtype = None
+    if scratch is not None and same_shape and not residual:
+        dtype = scratch_dtype(x, weight, x.numel())
+    if dtype is not None:
+        out = workspace(scratch, x, dtype).zero_()
+        torch.ops.mkldnn._convolution_pointwise_.binary(
+            out.permute(0, 3, 1, 2), cast(x, dtype).permute(0, 3, 1, 2), cast(weight, dtype),
+            cast(bias, dtype), pair(layer.padding), pair(layer.stride), pair(layer.dilation),
+            layer.groups, 'add', 1.0, None, [], None,
+        )  # fmt: skip
+        return _act(out, act)  # oneDNN fuses only ReLU after the addition
     if weight.dtype != x.dtype and _autocast_dtype(x.device.type) is None:
         # the LePE of a half/bf16 model runs in float32, as under autocast
         weight, bias = cast(weight, x.dtype), cast(bias, x.dtype)
@@ -447,6 +514,19 @@ def dwconv_nhwc(
         weight = weight + _identity_taps(layer)
     args = (layer.stride, layer.padding, layer.dilation, layer.groups)
     return conv(x.permute(0, 3, 1, 2), weight, bias, *args, act=act).permute(0, 2, 3, 1)
+
+
+def layer_norm(x: torch.Tensor, norm: nn.LayerNorm, scratch: str | None = None) -> torch.Tensor:
+    """``norm(x)``; with ``scratch`` (a layer-internal result) and the C kernels, computed
+    into the :func:`workspace` of that name, in ``x``'s dtype (as ATen's LayerNorm of a bf16
+    input under autocast)."""
+    fits = x.dtype in (torch.float32, torch.bfloat16) and len(norm.normalized_shape) == 1
+    fits = fits and norm.weight is not None and norm.bias is not None
+    if scratch is None or not fits or scratch_dtype(x, norm.weight, x.numel()) is None:
+        return norm(x)
+    out = workspace(scratch, x, x.dtype)
+    f32 = torch.float32
+    return cpu_kernels.layer_norm(x, cast(norm.weight, f32), cast(norm.bias, f32), norm.eps, out)
 
 
 def gate(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -793,7 +873,8 @@ def add_mlp(x: torch.Tensor, norm: nn.Module, fc1: nn.Linear, fc2: nn.Linear) ->
     step = rows_per_chunk(fc1.out_features)
     for start in range(0, tokens.shape[0], step):
         rows = tokens[start : start + step]
-        hidden = linear(norm(rows), fc1.weight, fc1.bias, 'gelu')
+        normed = layer_norm(rows, norm, scratch='mlp_norm')
+        hidden = linear(normed, fc1.weight, fc1.bias, 'gelu', scratch='mlp_hidden')
         out = add_linear(rows, hidden, fc2.weight, fc2.bias)
         if out is not rows:  # mixed dtypes without fused kernels: not accumulated in place
             rows.copy_(out)

@@ -12,6 +12,7 @@ import tempfile
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mlla_mm import MLLA
@@ -217,3 +218,60 @@ def test_model_with_fused_core_matches_plain_transcription(autocast):
     assert cpu_kernels.library() is not None
     tolerance = 3e-2 if autocast else 1e-5  # bf16: as test_mlla_strategies.BF16_TOLERANCE
     assert all(rel_err(o.float(), r) <= tolerance for o, r in zip(outs, refs))
+
+
+@needs_cc
+@pytest.mark.parametrize('act', [None, 'silu', 'gelu'])
+def test_bias_and_activation_epilogue_matches_aten(act):
+    g = torch.Generator().manual_seed(0)
+    y, bias = torch.randn(37, 48, generator=g) * 4, torch.randn(48, generator=g)
+    fns = {None: lambda t: t, 'silu': F.silu, 'gelu': F.gelu}
+    for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 4e-3)):
+        yd = y.to(dtype)
+        expected = fns[act](yd.float() + bias)
+        assert rel_err(cpu_kernels.bias_act_(yd.clone(), bias, act), expected) <= tolerance
+
+
+@needs_cc
+def test_layer_norm_matches_aten():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, 40, generator=g) * 3 + 1
+    weight, bias = torch.randn(40, generator=g), torch.randn(40, generator=g)
+    for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 4e-3)):
+        xd = x.to(dtype)
+        out = cpu_kernels.layer_norm(xd, weight, bias, 1e-5, torch.empty_like(xd))
+        assert out.dtype == dtype
+        assert rel_err(out, F.layer_norm(xd.float(), (40,), weight, bias)) <= tolerance
+
+
+@needs_cc
+@pytest.mark.parametrize('autocast', [False, True])
+def test_scratch_buffers_hold_large_results_and_never_escape(monkeypatch, autocast):
+    """Results that the allocator would map afresh (SCRATCH_MIN_BYTES; here every size) go to
+    reused buffers: the model still matches the plain transcription, its outputs are fresh
+    tensors that the next call does not overwrite, and LinearAttention called on its own
+    returns a fresh tensor too."""
+    monkeypatch.setattr(ops, 'SCRATCH_MIN_BYTES', 0)
+    torch.manual_seed(0)
+    model = MLLA(arch=TINY_ARCH).eval()
+    ref = PlainMLLA(**TINY_ARCH, out_indices=model.out_indices).eval()
+    ref.load_state_dict(model.state_dict())
+    x1, x2 = torch.randn(1, 3, 45, 61), torch.randn(1, 3, 45, 61)
+    ops.release_workspace()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        first = model(x1)
+        kept = [o.clone() for o in first]
+        second = model(x2)
+        attn = model.layers[0].blocks[0].attn
+        tokens = torch.randn(1, 12, 16, attn.dim)
+        a = attn(tokens)
+        a_kept = a.clone()
+        attn(torch.randn_like(tokens))
+    scratch = {'norm1', 'gate', 'in_proj', 'dwc', 'qk', 'attn', 'mlp_norm', 'mlp_hidden'}
+    assert scratch <= set(ops._WORKSPACE.__dict__)
+    assert all(torch.equal(o, k) for o, k in zip(first, kept)) and torch.equal(a, a_kept)
+    tolerance = 3e-2 if autocast else 1e-5
+    with torch.no_grad():
+        for outs, x in ((first, x1), (second, x2)):
+            assert all(rel_err(o.float(), r) <= tolerance for o, r in zip(outs, ref(x)))
+    ops.release_workspace()

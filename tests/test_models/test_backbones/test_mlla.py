@@ -341,9 +341,9 @@ def test_attention_core_runs_in_float32_under_autocast():
     spy = Spy()
     forward = attn.forward
 
-    def spied(x):
+    def spied(x, **kwargs):
         with spy:
-            return forward(x)
+            return forward(x, **kwargs)
 
     attn.forward = spied
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
