@@ -863,6 +863,87 @@ def part_times(model: nn.Module, x: torch.Tensor, dtype: str = 'fp32', repeats: 
     return {'parts': out, 'matmul_gflops': rate, 'total_ms': sum(p['ms'] for p in out.values())}
 
 
+# the layers with weights: oneDNN linears and convs, ATen's (add)mm (a linear accumulating into
+# its residual); not the attention's batched products, whose speed depends on their views
+_DENSE_OPS = {
+    '_linear_pointwise', '_convolution_pointwise', '_convolution_pointwise_', 'mm', 'addmm',
+    'addmm_',
+}  # fmt: skip
+_GROUPS_ARG = {'_convolution_pointwise': 6, '_convolution_pointwise_': 7}
+
+
+def dense_gemm_time(
+    model: nn.Module, x: torch.Tensor, dtype: str = 'fp32', repeats: int = 3
+) -> dict:
+    """The time of the model's dense layers alone: a lower bound of its latency.
+
+    One inference records every layer with weights that runs as a matrix product (oneDNN
+    linears and dense convs, ATen ``mm``/``addmm``; with their shapes, strides and dtypes; not
+    the depthwise convs nor the attention's batched products); each is then replayed alone on
+    fresh tensors of the same layout, without its activation epilogue, ``repeats`` times
+    (median). Their sum is what the model would take if every other op (depthwise convs,
+    normalisations, activations, the attention core, copies) were free.
+
+    Returns:
+        dict: ``ms`` (sum), ``gmacs`` (of the replayed ops), ``calls``, ``matmul_gflops``.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch_dtype = DTYPES[dtype]
+    if dtype in MODEL_DTYPES:
+        model, x = model.to(torch_dtype), x.to(torch_dtype)
+    autocast = torch_dtype != torch.float32 and dtype not in MODEL_DTYPES
+    calls: list = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            depthwise = name in _GROUPS_ARG and args[_GROUPS_ARG[name]] != 1
+            if name in _DENSE_OPS and not depthwise:
+                calls.append((func, args, out))
+            return out
+
+    def fresh(a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype).normal_()
+
+    model.eval()
+    total_ms, macs = 0.0, 0
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch_dtype, enabled=autocast):
+        with Record():
+            model(x)
+        for func, args, out in calls:
+            args = [fresh(a) for a in args]
+            name = func.overloadpacket.__name__
+            if name == '_linear_pointwise':
+                args[3] = 'none'
+            elif name == '_convolution_pointwise':
+                args[7] = 'none'
+            macs += _gemm_macs(name, args, out)
+            func(*args)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                func(*args)
+                times.append(time.perf_counter() - t0)
+            total_ms += 1e3 * statistics.median(times)
+        rate = statistics.median(matmul_rate(x.device, torch_dtype) for _ in range(3)) / 1e9
+    return {'ms': total_ms, 'gmacs': macs / 1e9, 'calls': len(calls), 'matmul_gflops': rate}
+
+
+def _gemm_macs(name: str, args: list, out: torch.Tensor) -> int:
+    if name == '_linear_pointwise':
+        return out.numel() * args[1].shape[1]
+    if name == '_convolution_pointwise':
+        return out.numel() * args[1][0].numel()
+    if name == '_convolution_pointwise_':  # accumulates into args[0]
+        return args[0].numel() * args[2][0].numel()
+    a = args[1] if name in ('addmm', 'addmm_') else args[0]
+    return out.numel() * a.shape[-1]
+
+
 def _parts_main(argv=None) -> dict:
     """``python -m mlla_mm.benchmark --arch tiny --size 1280x800 --dtype bf16 --threads 1``"""
     import argparse
@@ -895,6 +976,14 @@ def _parts_main(argv=None) -> dict:
         f'{result["matmul_gflops"]:.1f} GFLOP/s; {torch.get_num_threads()} threads; '
         f'load {_loadavg()}'
     )
+    dense = dense_gemm_time(model, x, args.dtype, args.repeats)
+    share = 2 * dense['gmacs'] / (dense['ms'] / 1e3) / dense['matmul_gflops']
+    print(
+        f'dense layers alone ({dense["calls"]} linears and convs, {dense["gmacs"]:.1f} GMACs, no '
+        f'epilogues): {dense["ms"]:.1f} ms, {100 * share:.0f}% of the matmul rate; everything '
+        f"else took {result['total_ms'] - dense['ms']:.1f} ms of the parts' total"
+    )
+    result['dense'] = dense
     return result
 
 

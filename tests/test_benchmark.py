@@ -158,3 +158,18 @@ def test_part_times_cover_the_backbone():
     assert all(p['ms'] > 0 and p['matmul_fraction'] > 0 for p in parts.values())
     expected = mlla_macs(**TINY, height=64, width=96)['total']
     assert sum(p['gmacs'] for p in parts.values()) * 1e9 == pytest.approx(expected, rel=0.02)
+
+
+@pytest.mark.parametrize('dtype', ['fp32', 'bf16'])
+def test_dense_layers_alone_are_replayed(dtype):
+    """dense_gemm_time replays each linear and dense conv the model ran (no depthwise conv, no
+    attention product): their MACs are the model's minus those, counted independently."""
+    from mlla_mm.benchmark import dense_gemm_time
+
+    model = MLLA(arch=TINY)
+    x = torch.randn(1, 3, 64, 96)
+    result = dense_gemm_time(model, x, dtype, repeats=1)
+    macs = mlla_macs(**TINY, height=64, width=96)  # conv: the stem's and the depthwise ones
+    assert macs['linear'] < result['gmacs'] * 1e9 < macs['linear'] + macs['conv']
+    assert result['calls'] >= 6 * sum(TINY['depths']) + 2 * 3 + 4  # blocks, mergings, stem
+    assert result['ms'] > 0 and result['matmul_gflops'] > 0
