@@ -396,6 +396,19 @@ def setup_cpu_distributed(cfg: Config, launcher: str) -> None:
         dist.init_process_group(backend='gloo', init_method='env://')
 
 
+def finish_distributed() -> None:
+    """Tear down the process group a distributed run started (a no-op otherwise).
+
+    mmengine's Runner leaves it for interpreter exit, where gloo's destructor can find its
+    threads still running and abort the process ("terminate called without an active
+    exception", SIGABRT) after the work is done; the tools end it explicitly instead.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def configure_train(cfg: Config, args) -> None:
     """Apply ``tools/train.py`` flags to the config (as mmdet's ``tools/train.py`` does).
 

@@ -21,6 +21,7 @@ from mlla_mm.tools_utils import (  # noqa: E402
     checkpoint_problems,
     config_problems,
     configure_train,
+    finish_distributed,
     quiet_console,
     setup_scope,
     setup_threads,
@@ -374,3 +375,19 @@ def test_user_errors_print_one_message_and_exit_2(capsys, monkeypatch):
         raise ConfigCheckError('shown with its traceback')
     with pytest.raises(RuntimeError), user_errors('tools/x.py'):
         raise RuntimeError('a bug keeps its traceback')
+
+
+def test_finish_distributed_ends_the_process_group(tmp_path):
+    """The tools end the process group themselves (gloo's destructor at interpreter exit can
+    abort a finished run); without one it does nothing."""
+    import torch.distributed as dist
+
+    finish_distributed()  # no process group: a no-op
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        finish_distributed()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

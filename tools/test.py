@@ -21,6 +21,7 @@ from mlla_mm.tools_utils import (
     build_runner,
     check_checkpoint,
     configure_test,
+    finish_distributed,
     local_rank_env,
     prints_to_log_file,
     setup_cpu_distributed,
@@ -73,6 +74,7 @@ def main(argv=None) -> None:
         with prints_to_log_file(runner.logger, args.verbose):
             runner.test()
     runner.logger.info(f'Logs of this evaluation are in {runner.log_dir}')
+    finish_distributed()
 
 
 if __name__ == '__main__':

@@ -20,6 +20,7 @@ from mlla_mm.tools_utils import (
     add_common_args,
     build_runner,
     configure_train,
+    finish_distributed,
     local_rank_env,
     prints_to_log_file,
     setup_cpu_distributed,
@@ -76,6 +77,7 @@ def main(argv=None) -> None:
         with prints_to_log_file(runner.logger, args.verbose):
             runner.train()  # e.g. a corrupt --resume / load_from checkpoint: one line, too
     runner.logger.info(f'Checkpoints and logs are in {os.path.abspath(cfg.work_dir)}')
+    finish_distributed()
 
 
 if __name__ == '__main__':
