@@ -1,9 +1,10 @@
-/* Fused CPU kernels of the MLLA attention core at inference (see cpu_kernels.py).
+/* Fused CPU kernels of MLLA at inference (see cpu_kernels.py): the attention core's element-wise
+ * work, and a GEMM epilogue and a LayerNorm that write into reused buffers.
  *
  * Plain C, no Python or torch headers: cpu_kernels.py compiles this file once per machine
  * (cc -O3 -march=native) into a cache folder and calls it through ctypes on tensors' memory.
- * Tensors are contiguous; "bf16" says whether a tensor holds bfloat16 (else
- * float32). Float semantics are IEEE (no -ffast-math): NaN and inf propagate as in ATen.
+ * Tensors are contiguous; "bf16" says whether a tensor holds bfloat16 (else float32). Float
+ * semantics are IEEE (no -ffast-math): NaN and inf propagate as in ATen.
  */
 #include <math.h>
 #include <stdint.h>

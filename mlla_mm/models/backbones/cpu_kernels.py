@@ -1,10 +1,13 @@
-"""Fused CPU kernels for the attention core at inference, compiled on first use.
+"""Fused CPU kernels for inference, compiled on first use.
 
 ATen runs the attention core's element-wise steps (``ELU + 1`` of q and k, the bf16 -> float32
 conversion, RoPE, the normaliser, the gate product) as separate passes over memory; on the
 64-channel stage-0 maps those passes cost more than the GEMMs around them. ``cpu_kernels.c``
 does them in two passes over the tokens (keys, then queries) and one for the gate, leaving the
-two products (``K^T V`` and ``Q (K^T V)``) to ATen's batched GEMMs.
+two products (``K^T V`` and ``Q (K^T V)``) to ATen's batched GEMMs. It also holds what the
+reused buffers of large results need (:func:`mlla_ops.scratch_dtype`): a GEMM's bias and
+activation epilogue in place (:func:`bias_act_`) and a LayerNorm into a given tensor
+(:func:`layer_norm`).
 
 The C file has no Python or torch headers: on first use it is compiled with the system C
 compiler (``$CC``, else ``cc``; about a second) for this machine's CPU (``-march=native``) into
@@ -33,9 +36,11 @@ import torch
 __all__ = [
     'KernelBuildError',
     'attention_features',
+    'bias_act_',
     'build',
     'enabled',
     'gate_',
+    'layer_norm',
     'library',
     'load',
     'usable',
