@@ -379,7 +379,8 @@ class MLLABlock(nn.Module):
 
         Without autograd the gate, the activations and the residual additions run in place.
         """
-        x = dwconv_nhwc(x, self.cpe1, residual=True)  # x + CPE(x), one conv
+        # x + CPE(x), one conv; block-internal (the next CPE reads it), so it may be scratch
+        x = dwconv_nhwc(x, self.cpe1, residual=True, scratch='cpe1')
         shortcut = x
         x = ops.layer_norm(x, self.norm1, scratch='norm1')
         gate = ops.linear(x, self.act_proj.weight, self.act_proj.bias, 'silu', scratch='gate')

@@ -488,19 +488,20 @@ def dwconv_nhwc(
             one (exact in real arithmetic; the gradient w.r.t. ``conv.weight`` is unchanged),
             which saves the separate addition pass.
         act: None or ``'silu'``, applied to the result (in the fused kernel's epilogue).
-        scratch: For a layer-internal result (not with ``residual``): the conv accumulates
-            into the zeroed :func:`workspace` of that name (oneDNN's in-place conv), and the
-            activation runs in place.
+        scratch: For a layer-internal result: the conv accumulates into the
+            :func:`workspace` of that name, zeroed or holding ``x`` (``residual``), with
+            oneDNN's in-place conv; the activation runs in place.
     """
     weight, bias = layer.weight, layer.bias
     pair = nn.modules.utils._pair
     same_shape = pair(layer.stride) == (1, 1) and pair(layer.dilation) == (1, 1)
     same_shape &= pair(layer.padding) == tuple(k // 2 for k in pair(layer.kernel_size))
     dtype = None
-    if scratch is not None and same_shape and not residual:
+    if scratch is not None and same_shape:
         dtype = scratch_dtype(x, weight, x.numel())
     if dtype is not None:
-        out = workspace(scratch, x, dtype).zero_()
+        out = workspace(scratch, x, dtype)
+        out.copy_(x) if residual else out.zero_()
         torch.ops.mkldnn._convolution_pointwise_.binary(
             out.permute(0, 3, 1, 2), cast(x, dtype).permute(0, 3, 1, 2), cast(weight, dtype),
             cast(bias, dtype), pair(layer.padding), pair(layer.stride), pair(layer.dilation),

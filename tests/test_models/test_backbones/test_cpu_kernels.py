@@ -267,7 +267,7 @@ def test_scratch_buffers_hold_large_results_and_never_escape(monkeypatch, autoca
         a = attn(tokens)
         a_kept = a.clone()
         attn(torch.randn_like(tokens))
-    scratch = {'norm1', 'gate', 'in_proj', 'dwc', 'qk', 'attn', 'mlp_norm', 'mlp_hidden'}
+    scratch = {'cpe1', 'norm1', 'gate', 'in_proj', 'dwc', 'qk', 'attn', 'mlp_norm', 'mlp_hidden'}
     assert scratch <= set(ops._WORKSPACE.__dict__)
     assert all(torch.equal(o, k) for o, k in zip(first, kept)) and torch.equal(a, a_kept)
     tolerance = 3e-2 if autocast else 1e-5
