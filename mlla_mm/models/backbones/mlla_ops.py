@@ -94,6 +94,7 @@ __all__ = [
     'add_mlp',
     'apply_rope',
     'attend_inplace',
+    'c_kernels_for',
     'cast',
     'conv',
     'dwconv_nhwc',
@@ -351,6 +352,12 @@ def _act(y: torch.Tensor, act: str | None) -> torch.Tensor:
 SCRATCH_MIN_BYTES = 16 * 2**20
 
 
+def c_kernels_for(*tensors: torch.Tensor) -> bool:
+    """Whether the C kernels of :mod:`.cpu_kernels` may run on these tensors: allowed by
+    :data:`CAPS`, built, and the tensors plain contiguous float32/bf16 CPU tensors."""
+    return CAPS.cpu_kernels and cpu_kernels.usable(*tensors)
+
+
 def scratch_dtype(x: torch.Tensor, weight: torch.Tensor, numel: int) -> torch.dtype | None:
     """The dtype in which a layer may write a result of ``numel`` elements into a
     :func:`workspace` buffer with the C kernels (:mod:`.cpu_kernels`), or None.
@@ -361,9 +368,9 @@ def scratch_dtype(x: torch.Tensor, weight: torch.Tensor, numel: int) -> torch.dt
     where :func:`kernel_dtype` allows a fused kernel and the C kernels are built.
     """
     dtype = kernel_dtype(x, weight)
-    if dtype is None or not CAPS.cpu_kernels or numel * dtype.itemsize < SCRATCH_MIN_BYTES:
+    if dtype is None or numel * dtype.itemsize < SCRATCH_MIN_BYTES:
         return None
-    return dtype if cpu_kernels.usable(x) else None
+    return dtype if c_kernels_for(x) else None
 
 
 def linear(
@@ -381,9 +388,8 @@ def linear(
     :func:`workspace` of that name and a C kernel adds the bias and the activation in place.
     """
     dtype = kernel_dtype(x, weight)
-    shape = (*x.shape[:-1], weight.shape[0])
-    wants_scratch = scratch is not None and act != 'relu'
-    if wants_scratch and scratch_dtype(x, weight, math.prod(shape)) is not None:
+    shape = None if scratch is None or act == 'relu' else (*x.shape[:-1], weight.shape[0])
+    if shape is not None and scratch_dtype(x, weight, math.prod(shape)) is not None:
         out = workspace(scratch, x, dtype, shape)
         with torch.autocast('cpu', enabled=False):
             tokens = cast(x, dtype).view(-1, x.shape[-1])
@@ -493,27 +499,23 @@ def dwconv_nhwc(
             oneDNN's in-place conv; the activation runs in place.
     """
     weight, bias = layer.weight, layer.bias
-    pair = nn.modules.utils._pair
-    same_shape = pair(layer.stride) == (1, 1) and pair(layer.dilation) == (1, 1)
-    same_shape &= pair(layer.padding) == tuple(k // 2 for k in pair(layer.kernel_size))
+    args = (layer.stride, layer.padding, layer.dilation, layer.groups)
     dtype = None
-    if scratch is not None and same_shape:
-        dtype = scratch_dtype(x, weight, x.numel())
+    if scratch is not None:
+        pair = nn.modules.utils._pair
+        same_shape = pair(layer.stride) == (1, 1) and pair(layer.dilation) == (1, 1)
+        same_shape &= pair(layer.padding) == tuple(k // 2 for k in pair(layer.kernel_size))
+        dtype = scratch_dtype(x, weight, x.numel()) if same_shape else None
     if dtype is not None:
         out = workspace(scratch, x, dtype)
         out.copy_(x) if residual else out.zero_()
-        torch.ops.mkldnn._convolution_pointwise_.binary(
-            out.permute(0, 3, 1, 2), cast(x, dtype).permute(0, 3, 1, 2), cast(weight, dtype),
-            cast(bias, dtype), pair(layer.padding), pair(layer.stride), pair(layer.dilation),
-            layer.groups, 'add', 1.0, None, [], None,
-        )  # fmt: skip
+        add_conv(out.permute(0, 3, 1, 2), cast(x, dtype).permute(0, 3, 1, 2), weight, bias, *args)
         return _act(out, act)  # oneDNN fuses only ReLU after the addition
     if weight.dtype != x.dtype and _autocast_dtype(x.device.type) is None:
         # the LePE of a half/bf16 model runs in float32, as under autocast
         weight, bias = cast(weight, x.dtype), cast(bias, x.dtype)
     if residual:
         weight = weight + _identity_taps(layer)
-    args = (layer.stride, layer.padding, layer.dilation, layer.groups)
     return conv(x.permute(0, 3, 1, 2), weight, bias, *args, act=act).permute(0, 2, 3, 1)
 
 
@@ -538,7 +540,7 @@ def gate(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     3 ms for the cast and the bf16 product on one thread here).
     """
     fusable = inference(y) and y.shape == g.shape and y.dtype == torch.float32
-    if fusable and CAPS.cpu_kernels and cpu_kernels.usable(y, g):
+    if fusable and c_kernels_for(y, g):
         return cpu_kernels.gate_(y, g)  # one pass, one rounding
     y = y.to(g.dtype)
     if inference(y) and g.is_contiguous() and y.shape == g.shape:
@@ -778,7 +780,7 @@ def attend_inplace(
     def split(t):  # (N, C) -> (heads, N, d), a view
         return t.view(n, heads, d).transpose(0, 1)
 
-    if dtype == torch.float32 and CAPS.cpu_kernels and cpu_kernels.usable(qk, v, lepe):
+    if dtype == torch.float32 and c_kernels_for(qk, v, lepe):
         # rotated q / normaliser and rotated k, fused
         out = qk if qk.dtype == dtype else workspace('qk_features', qk, dtype)
         table = torch.view_as_real(rope_complex_table(h, w, c, qk.device, dtype))
