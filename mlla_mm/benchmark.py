@@ -808,6 +808,31 @@ def plot(result: dict, path: str, title: str | None = None) -> None:
 # ------------------------------------------------------------------------------------------
 # Per-part times of an MLLA backbone
 # ------------------------------------------------------------------------------------------
+def _in_dtype(model: nn.Module, x: torch.Tensor, dtype: str) -> tuple:
+    """``model`` and ``x`` for ``dtype`` (as in :class:`BenchConfig`), and the autocast context
+    (no-grad inference) to run them in."""
+    torch_dtype = DTYPES[dtype]
+    if dtype in MODEL_DTYPES:
+        model, x = model.to(torch_dtype), x.to(torch_dtype)
+    autocast = torch_dtype != torch.float32 and dtype not in MODEL_DTYPES
+    return model.eval(), x, torch.autocast(x.device.type, dtype=torch_dtype, enabled=autocast)
+
+
+def _median_ms(fn: Callable, repeats: int) -> float:
+    """Median time of ``fn()`` over ``repeats`` calls after one untimed call, in ms."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def _matmul_gflops(device: torch.device, dtype: str) -> float:
+    return statistics.median(matmul_rate(device, DTYPES[dtype]) for _ in range(3)) / 1e9
+
+
 def part_times(model: nn.Module, x: torch.Tensor, dtype: str = 'fp32', repeats: int = 3) -> dict:
     """Inference time and MACs of each part of an MLLA backbone: the stem, the blocks of each
     stage and each patch merging, against the matmul rate (what bounds the whole).
@@ -821,10 +846,7 @@ def part_times(model: nn.Module, x: torch.Tensor, dtype: str = 'fp32', repeats: 
     """
     from mlla_mm.flops import count_flops
 
-    torch_dtype = DTYPES[dtype]
-    if dtype in MODEL_DTYPES:
-        model, x = model.to(torch_dtype), x.to(torch_dtype)
-    autocast = torch_dtype != torch.float32 and dtype not in MODEL_DTYPES
+    model, x, autocast = _in_dtype(model, x, dtype)
     parts = {'stem': model.patch_embed}
     for i, stage in enumerate(model.layers):
         parts[f'stage{i} blocks'] = stage
@@ -835,24 +857,17 @@ def part_times(model: nn.Module, x: torch.Tensor, dtype: str = 'fp32', repeats: 
         m.register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, a[0].clone()))
         for n, m in parts.items()
     ]
-    model.eval()
-    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch_dtype, enabled=autocast):
+    with torch.no_grad(), autocast:
         model(x)
         for h in hooks:
             h.remove()
-        rate = statistics.median(matmul_rate(x.device, torch_dtype) for _ in range(3)) / 1e9
+        rate = _matmul_gflops(x.device, dtype)
         out = {}
         for name, module in parts.items():
             if name not in inputs:  # stages after the last output index do not run
                 continue
-            module(inputs[name])
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                module(inputs[name])
-                times.append(time.perf_counter() - t0)
+            ms = _median_ms(lambda m=module, i=inputs[name]: m(i), repeats)
             macs = count_flops(module, inputs[name]).macs
-            ms = 1e3 * statistics.median(times)
             gflops = 2 * macs / (ms / 1e3) / 1e9
             out[name] = {
                 'ms': ms,
@@ -873,7 +888,11 @@ _GROUPS_ARG = {'_convolution_pointwise': 6, '_convolution_pointwise_': 7}
 
 
 def dense_gemm_time(
-    model: nn.Module, x: torch.Tensor, dtype: str = 'fp32', repeats: int = 3
+    model: nn.Module,
+    x: torch.Tensor,
+    dtype: str = 'fp32',
+    repeats: int = 3,
+    matmul_gflops: float | None = None,
 ) -> dict:
     """The time of the model's dense layers alone: a lower bound of its latency.
 
@@ -884,15 +903,14 @@ def dense_gemm_time(
     (median). Their sum is what the model would take if every other op (depthwise convs,
     normalisations, activations, the attention core, copies) were free.
 
+    ``matmul_gflops``: the reference rate when already measured (else measured here).
+
     Returns:
         dict: ``ms`` (sum), ``gmacs`` (of the replayed ops), ``calls``, ``matmul_gflops``.
     """
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    torch_dtype = DTYPES[dtype]
-    if dtype in MODEL_DTYPES:
-        model, x = model.to(torch_dtype), x.to(torch_dtype)
-    autocast = torch_dtype != torch.float32 and dtype not in MODEL_DTYPES
+    model, x, autocast = _in_dtype(model, x, dtype)
     calls: list = []
 
     class Record(TorchDispatchMode):
@@ -909,9 +927,8 @@ def dense_gemm_time(
             return a
         return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype).normal_()
 
-    model.eval()
     total_ms, macs = 0.0, 0
-    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch_dtype, enabled=autocast):
+    with torch.no_grad(), autocast:
         with Record():
             model(x)
         for func, args, out in calls:
@@ -922,14 +939,8 @@ def dense_gemm_time(
             elif name == '_convolution_pointwise':
                 args[7] = 'none'
             macs += _gemm_macs(name, args, out)
-            func(*args)
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                func(*args)
-                times.append(time.perf_counter() - t0)
-            total_ms += 1e3 * statistics.median(times)
-        rate = statistics.median(matmul_rate(x.device, torch_dtype) for _ in range(3)) / 1e9
+            total_ms += _median_ms(lambda f=func, a=args: f(*a), repeats)
+        rate = matmul_gflops or _matmul_gflops(x.device, dtype)
     return {'ms': total_ms, 'gmacs': macs / 1e9, 'calls': len(calls), 'matmul_gflops': rate}
 
 
@@ -976,7 +987,7 @@ def _parts_main(argv=None) -> dict:
         f'{result["matmul_gflops"]:.1f} GFLOP/s; {torch.get_num_threads()} threads; '
         f'load {_loadavg()}'
     )
-    dense = dense_gemm_time(model, x, args.dtype, args.repeats)
+    dense = dense_gemm_time(model, x, args.dtype, args.repeats, result['matmul_gflops'])
     share = 2 * dense['gmacs'] / (dense['ms'] / 1e3) / dense['matmul_gflops']
     print(
         f'dense layers alone ({dense["calls"]} linears and convs, {dense["gmacs"]:.1f} GMACs, no '
