@@ -381,9 +381,10 @@ def _environment(cfg: BenchConfig, device: torch.device) -> dict:
     if device.type == 'cuda':
         env['gpu'] = torch.cuda.get_device_name(device)
     else:
-        from mlla_mm.models.backbones.mlla_ops import CAPS, _cpu_flags
+        from mlla_mm.models.backbones.cpu_kernels import cpu_flags
+        from mlla_mm.models.backbones.mlla_ops import CAPS
 
-        env['cpu_flags'] = sorted(_cpu_flags() & CPU_FLAGS_OF_INTEREST)
+        env['cpu_flags'] = sorted(cpu_flags() & CPU_FLAGS_OF_INTEREST)
         env['cpu_capabilities'] = CAPS.describe()
     return env
 

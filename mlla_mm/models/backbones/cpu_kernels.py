@@ -38,6 +38,7 @@ __all__ = [
     'attention_features',
     'bias_act_',
     'build',
+    'cpu_flags',
     'enabled',
     'gate_',
     'layer_norm',
@@ -79,12 +80,17 @@ def _cache_dir() -> Path:
     return Path(root) / 'mlla_mm' / 'kernels'
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> set:
+    """The CPU's feature flags (``/proc/cpuinfo``: ``flags`` on x86, ``Features`` on ARM), or an
+    empty set where that file is missing."""
     try:
         with open('/proc/cpuinfo') as f:
-            return next((line for line in f if line.startswith(('flags', 'Features'))), '')
+            for line in f:
+                if line.startswith(('flags', 'Features')):
+                    return set(line.split(':', 1)[1].split())
     except OSError:
-        return platform.processor()
+        pass
+    return set()
 
 
 def build(
@@ -117,8 +123,9 @@ def build(
         raise KernelBuildError(f'C compiler {compiler} does not run: {e}') from e
     source = SOURCE.read_bytes()
     flags = (f'-march={march}', *FLAGS)
+    cpu_id = ' '.join(sorted(cpu_flags())) or platform.processor()
     key = hashlib.sha256(
-        b'\0'.join([source, str(version).encode(), ' '.join(flags).encode(), _cpu_flags().encode()])
+        b'\0'.join([source, str(version).encode(), ' '.join(flags).encode(), cpu_id.encode()])
     ).hexdigest()[:16]
     folder = Path(cache_dir) if cache_dir is not None else _cache_dir()
     target = folder / f'mlla_kernels_{key}.so'
@@ -162,8 +169,10 @@ _LOCK = threading.Lock()
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None when they are off or cannot be built (warned once)."""
     global _LIB, _TRIED
-    if _TRIED or not enabled():
-        return _LIB if enabled() else None
+    if not enabled():
+        return None
+    if _TRIED:
+        return _LIB
     with _LOCK:
         if not _TRIED:
             try:

@@ -119,17 +119,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Capabilities and context
 # --------------------------------------------------------------------------------------------
-def _cpu_flags() -> set:
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('flags'):
-                    return set(line.split(':', 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 @dataclass
 class Capabilities:
     """What this torch build and CPU offer (detected once at import; tests may switch it off).
@@ -164,7 +153,7 @@ class Capabilities:
             isa = torch.backends.cpu.get_cpu_capability()
         except (AttributeError, RuntimeError):  # pragma: no cover - very old torch
             isa = 'unknown'
-        amx = 'amx_bf16' in _cpu_flags()
+        amx = 'amx_bf16' in cpu_kernels.cpu_flags()
         return cls(onednn, bf16, amx, isa, cpu_kernels=cpu_kernels.enabled())
 
     def describe(self) -> str:
