@@ -10,6 +10,7 @@ not after minutes of model building or in the middle of the first epoch.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import functools
 import importlib
 import io
@@ -375,7 +376,10 @@ def setup_cpu_distributed(cfg: Config, launcher: str) -> None:
     on the CPU (``device_ids=None``); mmengine's Runner then finds the process group initialised
     and runs as usual. With CUDA this does nothing.
     """
-    if launcher == 'none' or torch.cuda.is_available():
+    if launcher == 'none':
+        return
+    faulthandler.enable()  # a rank that crashes prints its Python stack (torchrun shows a signal)
+    if torch.cuda.is_available():
         return
     import torch.distributed as dist
 
@@ -396,17 +400,42 @@ def setup_cpu_distributed(cfg: Config, launcher: str) -> None:
         dist.init_process_group(backend='gloo', init_method='env://')
 
 
-def finish_distributed() -> None:
-    """Tear down the process group a distributed run started (a no-op otherwise).
+# Set when finish_distributed ends a process group: the tool's process then leaves through
+# end_distributed_process, without the interpreter's finalisation.
+_ENDED_PROCESS_GROUP = False
 
-    mmengine's Runner leaves it for interpreter exit, where gloo's destructor can find its
-    threads still running and abort the process ("terminate called without an active
-    exception", SIGABRT) after the work is done; the tools end it explicitly instead.
-    """
+
+def finish_distributed() -> None:
+    """Tear down the process group a distributed run started (a no-op otherwise)."""
+    global _ENDED_PROCESS_GROUP
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _ENDED_PROCESS_GROUP = True
+
+
+def end_distributed_process() -> None:
+    """Leave a finished distributed tool run without the interpreter's finalisation.
+
+    Called last in the tools' ``__main__`` block; a no-op unless :func:`finish_distributed` ended
+    a process group in this process. ``destroy_process_group`` does not join gloo's worker threads
+    (DDP still holds the backend), and a worker that drops its last reference to a finished
+    collective's tensors while the interpreter finalises must take the GIL there, which ends the
+    thread mid-destructor: ``terminate called without an active exception`` (SIGABRT), reported by
+    torchrun as a failed run although every result was written (seen in CI on rank 0 after
+    ``tools/test.py`` finished). So the exit handlers run here (log files, data-loader workers),
+    the console is flushed, and the process ends with ``os._exit(0)``.
+    """
+    if not _ENDED_PROCESS_GROUP:
+        return
+    import atexit
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def configure_train(cfg: Config, args) -> None:

@@ -21,6 +21,7 @@ from mlla_mm.tools_utils import (
     build_runner,
     check_checkpoint,
     configure_test,
+    end_distributed_process,
     finish_distributed,
     local_rank_env,
     prints_to_log_file,
@@ -79,3 +80,4 @@ def main(argv=None) -> None:
 
 if __name__ == '__main__':
     main()
+    end_distributed_process()  # a torchrun rank leaves without interpreter finalisation

@@ -20,6 +20,7 @@ from mlla_mm.tools_utils import (
     add_common_args,
     build_runner,
     configure_train,
+    end_distributed_process,
     finish_distributed,
     local_rank_env,
     prints_to_log_file,
@@ -82,3 +83,4 @@ def main(argv=None) -> None:
 
 if __name__ == '__main__':
     main()
+    end_distributed_process()  # a torchrun rank leaves without interpreter finalisation
