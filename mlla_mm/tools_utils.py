@@ -400,37 +400,25 @@ def setup_cpu_distributed(cfg: Config, launcher: str) -> None:
         dist.init_process_group(backend='gloo', init_method='env://')
 
 
-# Set when finish_distributed ends a process group: the tool's process then leaves through
-# end_distributed_process, without the interpreter's finalisation.
-_ENDED_PROCESS_GROUP = False
+def end_distributed_process() -> None:
+    """End a distributed tool run's process once every rank is done (a no-op outside one).
 
-
-def finish_distributed() -> None:
-    """Tear down the process group a distributed run started (a no-op otherwise)."""
-    global _ENDED_PROCESS_GROUP
+    Called last in the tools' ``__main__`` block. The ranks meet at a barrier (none is still
+    communicating), the exit handlers run (log files, data-loader workers), the console is
+    flushed, and the process ends with ``os._exit(0)``, skipping the process group's teardown and
+    the interpreter's finalisation: there gloo's threads, which outlive the Runner,
+    intermittently aborted a finished rank (``terminate called without an active exception``,
+    SIGABRT; seen in CI on rank 0 after ``tools/test.py`` had written every result, with and
+    without an explicit ``destroy_process_group``), and torchrun reported the run as failed. The
+    operating system closes the sockets.
+    """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-        _ENDED_PROCESS_GROUP = True
-
-
-def end_distributed_process() -> None:
-    """Leave a finished distributed tool run without the interpreter's finalisation.
-
-    Called last in the tools' ``__main__`` block; a no-op unless :func:`finish_distributed` ended
-    a process group in this process. ``destroy_process_group`` does not join gloo's worker threads
-    (DDP still holds the backend), and a worker that drops its last reference to a finished
-    collective's tensors while the interpreter finalises must take the GIL there, which ends the
-    thread mid-destructor: ``terminate called without an active exception`` (SIGABRT), reported by
-    torchrun as a failed run although every result was written (seen in CI on rank 0 after
-    ``tools/test.py`` finished). So the exit handlers run here (log files, data-loader workers),
-    the console is flushed, and the process ends with ``os._exit(0)``.
-    """
-    if not _ENDED_PROCESS_GROUP:
+    if not (dist.is_available() and dist.is_initialized()):
         return
     import atexit
 
+    dist.barrier()
     atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

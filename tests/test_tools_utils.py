@@ -23,8 +23,6 @@ from mlla_mm.tools_utils import (  # noqa: E402
     checkpoint_problems,
     config_problems,
     configure_train,
-    end_distributed_process,
-    finish_distributed,
     quiet_console,
     setup_scope,
     setup_threads,
@@ -380,25 +378,6 @@ def test_user_errors_print_one_message_and_exit_2(capsys, monkeypatch):
         raise RuntimeError('a bug keeps its traceback')
 
 
-def test_finish_distributed_ends_the_process_group(tmp_path, monkeypatch):
-    """The tools end the process group themselves; without one it does nothing."""
-    import torch.distributed as dist
-
-    from mlla_mm import tools_utils
-
-    monkeypatch.setattr(tools_utils, '_ENDED_PROCESS_GROUP', False)
-    finish_distributed()  # no process group: a no-op ...
-    end_distributed_process()  # ... and the process carries on
-    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
-    try:
-        assert dist.is_initialized()
-        finish_distributed()
-        assert not dist.is_initialized() and tools_utils._ENDED_PROCESS_GROUP
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -408,23 +387,25 @@ def _free_port() -> int:
 _RANK_SCRIPT = """
 import atexit, os, sys
 from mmengine.config import Config
-from mlla_mm.tools_utils import end_distributed_process, finish_distributed, setup_cpu_distributed
-setup_cpu_distributed(Config(), 'pytorch')
+from mlla_mm.tools_utils import end_distributed_process, setup_cpu_distributed
 import torch, torch.distributed as dist
 t = torch.ones(3)
-dist.all_reduce(t)
+if sys.argv[2] == 'distributed':
+    setup_cpu_distributed(Config(), 'pytorch')
+    dist.all_reduce(t)
 atexit.register(lambda: open(sys.argv[1], 'w').write('exit handlers ran'))
 print('sum', float(t.sum()), end='')  # no newline: the flush at the end must send it
-finish_distributed()
 end_distributed_process()
-raise SystemExit(3)  # not reached: the rank ends with status 0 above
+raise SystemExit(3)  # reached only outside a distributed run
 """
 
 
-def test_a_finished_rank_runs_its_exit_handlers_and_leaves_with_status_0(tmp_path):
-    """A distributed tool run leaves through end_distributed_process once its work is done: exit
-    handlers run (log files), the console is flushed, and the interpreter's finalisation, where
-    gloo's worker threads could abort the finished process (SIGABRT), is skipped."""
+@pytest.mark.parametrize('run', ['distributed', 'single'])
+def test_a_finished_rank_runs_its_exit_handlers_and_leaves_with_status_0(tmp_path, run):
+    """A distributed tool run ends in end_distributed_process once its work is done: exit
+    handlers run (log files), the console is flushed, and the process group's teardown and the
+    interpreter's finalisation, where gloo's threads could abort a finished rank (SIGABRT), are
+    skipped. Outside a distributed run (or a tool's main() called in-process) it does nothing."""
     env = dict(
         os.environ,
         MASTER_ADDR='127.0.0.1',
@@ -435,12 +416,12 @@ def test_a_finished_rank_runs_its_exit_handlers_and_leaves_with_status_0(tmp_pat
     )
     marker = tmp_path / 'atexit.txt'
     proc = subprocess.run(
-        [sys.executable, '-c', _RANK_SCRIPT, str(marker)],
+        [sys.executable, '-c', _RANK_SCRIPT, str(marker), run],
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == (0 if run == 'distributed' else 3), proc.stderr[-3000:]
     assert proc.stdout == 'sum 3.0'
     assert marker.read_text() == 'exit handlers ran'

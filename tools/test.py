@@ -22,7 +22,6 @@ from mlla_mm.tools_utils import (
     check_checkpoint,
     configure_test,
     end_distributed_process,
-    finish_distributed,
     local_rank_env,
     prints_to_log_file,
     setup_cpu_distributed,
@@ -75,9 +74,8 @@ def main(argv=None) -> None:
         with prints_to_log_file(runner.logger, args.verbose):
             runner.test()
     runner.logger.info(f'Logs of this evaluation are in {runner.log_dir}')
-    finish_distributed()
 
 
 if __name__ == '__main__':
     main()
-    end_distributed_process()  # a torchrun rank leaves without interpreter finalisation
+    end_distributed_process()  # a torchrun rank ends here, once all ranks are done

@@ -21,7 +21,6 @@ from mlla_mm.tools_utils import (
     build_runner,
     configure_train,
     end_distributed_process,
-    finish_distributed,
     local_rank_env,
     prints_to_log_file,
     setup_cpu_distributed,
@@ -78,9 +77,8 @@ def main(argv=None) -> None:
         with prints_to_log_file(runner.logger, args.verbose):
             runner.train()  # e.g. a corrupt --resume / load_from checkpoint: one line, too
     runner.logger.info(f'Checkpoints and logs are in {os.path.abspath(cfg.work_dir)}')
-    finish_distributed()
 
 
 if __name__ == '__main__':
     main()
-    end_distributed_process()  # a torchrun rank leaves without interpreter finalisation
+    end_distributed_process()  # a torchrun rank ends here, once all ranks are done
