@@ -386,7 +386,35 @@ def _environment(cfg: BenchConfig, device: torch.device) -> dict:
 
         env['cpu_flags'] = sorted(cpu_flags() & CPU_FLAGS_OF_INTEREST)
         env['cpu_capabilities'] = CAPS.describe()
+        env['huge_pages'] = huge_pages()
     return env
+
+
+HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
+THP_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
+
+
+def huge_pages(environ: dict | None = None, thp_file: str = THP_FILE) -> dict:
+    """Whether large allocations get transparent huge pages (2 MiB: one page fault and one TLB
+    entry where 4 KiB pages take 512).
+
+    Args:
+        environ: The environment to read (default: this process's).
+        thp_file: The kernel's transparent-huge-page mode file.
+
+    Returns:
+        dict: ``thp``, the kernel's mode (``always``, ``madvise``, ``never``, or None where
+        unknown); ``malloc``, whether glibc's malloc asks for them (``GLIBC_TUNABLES`` holds
+        ``glibc.malloc.hugetlb=1``; glibc >= 2.35 reads it at process start); ``on``, whether
+        they are in use (``always``, or ``madvise`` with the malloc setting).
+    """
+    environ = os.environ if environ is None else environ
+    tunables = environ.get('GLIBC_TUNABLES', '').split(':')
+    thp = None
+    with contextlib.suppress(OSError), open(thp_file) as f:
+        thp = next((w[1:-1] for w in f.read().split() if w.startswith('[')), None)
+    malloc = HUGE_PAGES_TUNABLE in tunables
+    return {'thp': thp, 'malloc': malloc, 'on': thp == 'always' or (thp == 'madvise' and malloc)}
 
 
 CPU_FLAGS_OF_INTEREST = {
@@ -705,6 +733,15 @@ def machine_lines(env: dict) -> list:
         )
         lines.append(f'oneDNN ISA: {kernels.get("isa")}')
         lines.append(f'oneDNN kernels run by {kernels["model"]} (224x224 forward): {ran}')
+    pages = env.get('huge_pages')
+    if pages:
+        if pages['on']:
+            state = 'on'
+        elif pages['thp'] == 'madvise':
+            state = f'off (GLIBC_TUNABLES={HUGE_PAGES_TUNABLE} turns them on; docs/performance.md)'
+        else:
+            state = 'unavailable'
+        lines.append(f'huge pages for large allocations: {state}; kernel THP mode {pages["thp"]}')
     settings = env.get('settings', {})
     if settings.get('keep_freed_memory'):
         lines.append('glibc malloc: keep_freed_memory (no mmap, no trim)')

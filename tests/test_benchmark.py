@@ -3,14 +3,27 @@ JSON, CSV and PNG files with sane fields (no timing assertions)."""
 
 import csv
 import json
+import os
+import platform
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from mlla_mm import MLLA
-from mlla_mm.benchmark import PEERS, BenchConfig, parse_size, run_benchmark, summarise
+from mlla_mm.benchmark import (
+    HUGE_PAGES_TUNABLE,
+    PEERS,
+    BenchConfig,
+    huge_pages,
+    machine_lines,
+    parse_size,
+    run_benchmark,
+    summarise,
+)
 from mlla_mm.flops import mlla_macs
 from mlla_mm.testing import PlainMLLA
 
@@ -173,3 +186,60 @@ def test_dense_layers_alone_are_replayed(dtype):
     assert macs['linear'] < result['gmacs'] * 1e9 < macs['linear'] + macs['conv']
     assert result['calls'] >= 6 * sum(TINY['depths']) + 2 * 3 + 4  # blocks, mergings, stem
     assert result['ms'] > 0 and result['matmul_gflops'] > 0
+
+
+@pytest.mark.parametrize(
+    ('mode', 'tunables', 'on'),
+    [
+        ('always [madvise] never', 'glibc.malloc.hugetlb=1', True),
+        ('always [madvise] never', 'glibc.malloc.check=0', False),
+        ('[always] madvise never', '', True),
+        ('always madvise [never]', 'glibc.malloc.hugetlb=1', False),
+    ],
+)
+def test_huge_pages_setting_is_reported(tmp_path, mode, tunables, on):
+    """The benchmark says whether large allocations get transparent huge pages, and how to turn
+    them on where the kernel leaves it to malloc (docs/performance.md)."""
+    thp = tmp_path / 'enabled'
+    thp.write_text(mode + '\n')
+    pages = huge_pages({'GLIBC_TUNABLES': tunables}, str(thp))
+    assert pages['on'] is on and pages['thp'] == mode.split('[')[1].split(']')[0]
+    (line,) = [ln for ln in machine_lines({'huge_pages': pages}) if ln.startswith('huge pages')]
+    state = 'on' if on else 'off' if pages['thp'] == 'madvise' else 'unavailable'
+    assert line.startswith(f'huge pages for large allocations: {state}')
+    if state == 'off':
+        assert f'GLIBC_TUNABLES={HUGE_PAGES_TUNABLE}' in line
+    assert huge_pages({}, str(tmp_path / 'missing'))['thp'] is None
+
+
+def _glibc() -> tuple:
+    name, version = platform.libc_ver()
+    return tuple(int(p) for p in version.split('.')[:2]) if name == 'glibc' and version else (0,)
+
+
+_TOUCH = """
+import resource, torch
+x = torch.empty(64 << 20, dtype=torch.uint8)  # 64 MiB, mapped afresh by malloc
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+x.fill_(1)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(
+    huge_pages()['thp'] != 'madvise' or _glibc() < (2, 35),
+    reason='needs the kernel THP mode madvise and glibc >= 2.35',
+)
+def test_the_documented_tunable_gives_torch_tensors_huge_pages():
+    """``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (docs/performance.md): a fresh 64 MiB tensor
+    is faulted in 2 MiB pages (32 faults) instead of 4 KiB ones (16384)."""
+
+    def faults(tunables: str) -> int:
+        env = dict(os.environ, GLIBC_TUNABLES=tunables, OMP_NUM_THREADS='1')
+        out = subprocess.run(
+            [sys.executable, '-c', _TOUCH], env=env, capture_output=True, text=True, check=True
+        )
+        return int(out.stdout)
+
+    plain, huge = faults(''), faults(HUGE_PAGES_TUNABLE)
+    assert plain > 8000 and huge < plain / 4, (plain, huge)
