@@ -378,7 +378,8 @@ def setup_cpu_distributed(cfg: Config, launcher: str) -> None:
     """
     if launcher == 'none':
         return
-    faulthandler.enable()  # a rank that crashes prints its Python stack (torchrun shows a signal)
+    with contextlib.suppress(ValueError, OSError, AttributeError):  # stderr without a file
+        faulthandler.enable()  # a crashing rank prints its Python stack (torchrun: a signal)
     if torch.cuda.is_available():
         return
     import torch.distributed as dist

@@ -12,6 +12,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+import torch
 from mmengine.config import Config
 
 pytest.importorskip('mmdet')
@@ -425,3 +426,19 @@ def test_a_finished_rank_runs_its_exit_handlers_and_leaves_with_status_0(tmp_pat
     assert proc.returncode == (0 if run == 'distributed' else 3), proc.stderr[-3000:]
     assert proc.stdout == 'sum 3.0'
     assert marker.read_text() == 'exit handlers ran'
+
+
+def test_cpu_launcher_other_than_pytorch_is_refused_even_with_a_console_without_file(monkeypatch):
+    """``--launcher slurm|mpi`` needs CUDA on this path, and says so; turning on faulthandler for
+    distributed runs must not fail first where stderr has no file (a notebook, a capture)."""
+    import io
+
+    from mlla_mm.tools_utils import setup_cpu_distributed
+
+    if torch.cuda.is_available():
+        pytest.skip('with CUDA mmengine starts the process group')
+    monkeypatch.setattr(sys, 'stderr', io.StringIO())
+    with pytest.raises(
+        ConfigCheckError, match='--launcher slurm needs CUDA here.*--launcher pytorch'
+    ):
+        setup_cpu_distributed(Config(), 'slurm')
