@@ -420,8 +420,7 @@ def end_distributed_process() -> None:
     import atexit
 
     dist.barrier()
-    atexit._run_exitfuncs()
-    logging.shutdown()
+    atexit._run_exitfuncs()  # logging's shutdown (log files) is one of them
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(0)

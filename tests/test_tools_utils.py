@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -379,20 +377,13 @@ def test_user_errors_print_one_message_and_exit_2(capsys, monkeypatch):
         raise RuntimeError('a bug keeps its traceback')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 _RANK_SCRIPT = """
-import atexit, os, sys
-from mmengine.config import Config
-from mlla_mm.tools_utils import end_distributed_process, setup_cpu_distributed
+import atexit, sys
 import torch, torch.distributed as dist
+from mlla_mm.tools_utils import end_distributed_process
 t = torch.ones(3)
 if sys.argv[2] == 'distributed':
-    setup_cpu_distributed(Config(), 'pytorch')
+    dist.init_process_group('gloo', init_method=f'file://{sys.argv[3]}', rank=0, world_size=1)
     dist.all_reduce(t)
 atexit.register(lambda: open(sys.argv[1], 'w').write('exit handlers ran'))
 print('sum', float(t.sum()), end='')  # no newline: the flush at the end must send it
@@ -407,18 +398,9 @@ def test_a_finished_rank_runs_its_exit_handlers_and_leaves_with_status_0(tmp_pat
     handlers run (log files), the console is flushed, and the process group's teardown and the
     interpreter's finalisation, where gloo's threads could abort a finished rank (SIGABRT), are
     skipped. Outside a distributed run (or a tool's main() called in-process) it does nothing."""
-    env = dict(
-        os.environ,
-        MASTER_ADDR='127.0.0.1',
-        MASTER_PORT=str(_free_port()),
-        RANK='0',
-        WORLD_SIZE='1',
-        LOCAL_RANK='0',
-    )
     marker = tmp_path / 'atexit.txt'
     proc = subprocess.run(
-        [sys.executable, '-c', _RANK_SCRIPT, str(marker), run],
-        env=env,
+        [sys.executable, '-c', _RANK_SCRIPT, str(marker), run, str(tmp_path / 'store')],
         capture_output=True,
         text=True,
         timeout=120,
