@@ -347,16 +347,16 @@ def c_kernels_for(*tensors: torch.Tensor) -> bool:
     return CAPS.cpu_kernels and cpu_kernels.usable(*tensors)
 
 
-def scratch_dtype(x: torch.Tensor, weight: torch.Tensor, numel: int) -> torch.dtype | None:
+def scratch_dtype(x: torch.Tensor, dtype: torch.dtype | None, numel: int) -> torch.dtype | None:
     """The dtype in which a layer may write a result of ``numel`` elements into a
-    :func:`workspace` buffer with the C kernels (:mod:`.cpu_kernels`), or None.
+    :func:`workspace` buffer with the C kernels (:mod:`.cpu_kernels`), or None; ``dtype`` is
+    the layer's :func:`kernel_dtype` (None: no fused kernel).
 
     Only results of at least :data:`SCRATCH_MIN_BYTES` go to a workspace: those the allocator
     would map afresh (page faults at every call; the high-resolution maps of stages 0 and 1),
     while below it oneDNN's fused epilogues on a heap-reused tensor are faster. float32 or bf16,
     where :func:`kernel_dtype` allows a fused kernel and the C kernels are built.
     """
-    dtype = kernel_dtype(x, weight)
     if dtype is None or numel * dtype.itemsize < SCRATCH_MIN_BYTES:
         return None
     return dtype if c_kernels_for(x) else None
@@ -378,7 +378,7 @@ def linear(
     """
     dtype = kernel_dtype(x, weight)
     shape = None if scratch is None or act == 'relu' else (*x.shape[:-1], weight.shape[0])
-    if shape is not None and scratch_dtype(x, weight, math.prod(shape)) is not None:
+    if shape is not None and scratch_dtype(x, dtype, math.prod(shape)) is not None:
         out = workspace(scratch, x, dtype, shape)
         with torch.autocast('cpu', enabled=False):
             tokens = cast(x, dtype).view(-1, x.shape[-1])
@@ -494,7 +494,7 @@ def dwconv_nhwc(
         pair = nn.modules.utils._pair
         same_shape = pair(layer.stride) == (1, 1) and pair(layer.dilation) == (1, 1)
         same_shape &= pair(layer.padding) == tuple(k // 2 for k in pair(layer.kernel_size))
-        dtype = scratch_dtype(x, weight, x.numel()) if same_shape else None
+        dtype = scratch_dtype(x, kernel_dtype(x, weight), x.numel()) if same_shape else None
     if dtype is not None:
         out = workspace(scratch, x, dtype)
         out.copy_(x) if residual else out.zero_()
@@ -513,8 +513,8 @@ def layer_norm(x: torch.Tensor, norm: nn.LayerNorm, scratch: str | None = None) 
     into the :func:`workspace` of that name, in ``x``'s dtype (as ATen's LayerNorm of a bf16
     input under autocast)."""
     fits = x.dtype in (torch.float32, torch.bfloat16) and len(norm.normalized_shape) == 1
-    fits = fits and norm.weight is not None and norm.bias is not None
-    if scratch is None or not fits or scratch_dtype(x, norm.weight, x.numel()) is None:
+    fits = fits and scratch is not None and norm.weight is not None and norm.bias is not None
+    if not fits or scratch_dtype(x, kernel_dtype(x, norm.weight), x.numel()) is None:
         return norm(x)
     out = workspace(scratch, x, x.dtype)
     f32 = torch.float32
