@@ -5,7 +5,7 @@ OpenMMLab libraries (``pip install -e .[det,seg,cls]``).
 
 ``configs/`` and ``tools/`` also ship inside the package as ``mlla_mm/.mim/``
 (OpenMMLab's mim layout): a wheel holds copies, an editable install links them to this checkout.
-``mlla_mm.resources`` finds them at run time and ``mlla_mm.cli`` runs the tools as commands.
+``mlla_mm.utils.resources`` finds them at run time and ``mlla_mm.cli`` runs the tools as commands.
 """
 
 import os

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from importlib.machinery import SourceFileLoader
 from pathlib import Path
 
-from .resources import PREFIX, config_dir, config_path, list_configs, tools_dir
+from .utils.resources import PREFIX, config_dir, config_path, list_configs, tools_dir
 
 __all__ = [
     'TOOLS',

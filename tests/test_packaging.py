@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from mlla_mm import cli, resources
+from mlla_mm import cli
+from mlla_mm.utils import resources
 
 ROOT = Path(__file__).resolve().parents[1]
 # What setup.py needs to build the wheel (copied, so the build never touches the checkout).
@@ -224,7 +225,7 @@ def test_wheel_installs_configs_tools_and_commands(tmp_path):
         """
         import mlla_mm
         from mmengine.config import Config
-        from mlla_mm.resources import config_dir, tools_dir
+        from mlla_mm.utils.resources import config_dir, tools_dir
 
         cfg = Config.fromfile('my_config.py')
         print(mlla_mm.__file__)

@@ -20,7 +20,7 @@ the pixel count) to ``--out``; see ``mlla_mm/benchmark.py`` for how each figure 
 import argparse
 import os
 
-from mlla_mm.benchmark import (
+from mlla_mm.analysis.benchmark import (
     ARCH_ALIASES,
     DEFAULT_SIZES,
     DTYPES,
@@ -33,7 +33,7 @@ from mlla_mm.benchmark import (
     write_csv,
     write_json,
 )
-from mlla_mm.tools_utils import silence_library_warnings
+from mlla_mm.utils.config_check import silence_library_warnings
 
 DEFAULT_PEERS = ('mlla_t_plain', 'swin_t', 'convnext_t', 'resnet50', 'vit_b16')
 

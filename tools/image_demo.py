@@ -15,8 +15,8 @@ import os.path as osp
 
 from mmengine.config import DictAction
 
-from mlla_mm.inference import InputError, MLLAInferencer, read_images, summarise
-from mlla_mm.tools_utils import (
+from mlla_mm.apis.inference import InputError, MLLAInferencer, read_images, summarise
+from mlla_mm.utils.config_check import (
     add_common_args,
     setup_threads,
     silence_library_warnings,

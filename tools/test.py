@@ -15,7 +15,7 @@ import argparse
 
 from mmengine.config import Config, DictAction
 
-from mlla_mm.tools_utils import (
+from mlla_mm.utils.config_check import (
     ConfigCheckError,
     add_common_args,
     build_runner,

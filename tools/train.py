@@ -16,7 +16,7 @@ import os
 
 from mmengine.config import Config, DictAction
 
-from mlla_mm.tools_utils import (
+from mlla_mm.utils.config_check import (
     add_common_args,
     build_runner,
     configure_train,

@@ -7,7 +7,7 @@
 The classification configs import this module (``custom_imports``); it needs mmpretrain.
 """
 
-from .mesa import MESAHook, MESAImageClassifier, mesa_loss
+from mlla_mm.models.classifiers.mesa import MESAHook, MESAImageClassifier, mesa_loss
 from .schedulers import WarmupCosineLR
 
 __all__ = ['MESAHook', 'MESAImageClassifier', 'WarmupCosineLR', 'mesa_loss']

@@ -11,7 +11,7 @@ import pytest
 def toy_coco(tmp_path_factory) -> Path:
     """A toy COCO set of 8 train and 4 val images (``tools/misc/make_toy_coco.py``'s layout)."""
     pytest.importorskip('mmdet')
-    from mlla_mm.toy_coco import make_toy_coco
+    from mlla_mm.datasets.toy_coco import make_toy_coco
 
     root = tmp_path_factory.mktemp('toy_coco')
     make_toy_coco(root, num_train=8, num_val=4, seed=3)

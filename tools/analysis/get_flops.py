@@ -13,7 +13,7 @@ import json
 
 from mmengine.config import DictAction
 
-from mlla_mm.flops import backbone_flops, config_flops
+from mlla_mm.analysis.flops import backbone_flops, config_flops
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -35,7 +35,7 @@ from mlla_mm.deploy import (
     export_onnx,
     onnx_io_dims,
 )
-from mlla_mm.deploy_det import (
+from mlla_mm.deploy.mask_rcnn_graph import (
     DIFFERENCES,
     MaskRCNNGraph,
     assert_det_parity,
@@ -45,7 +45,7 @@ from mlla_mm.deploy_det import (
     export_detector_onnx,
     onnx_ops,
 )
-from mlla_mm.tools_utils import user_errors
+from mlla_mm.utils.config_check import user_errors
 
 
 def parse_args(argv=None):

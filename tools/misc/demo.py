@@ -21,7 +21,7 @@ import time
 
 from mmengine.runner.checkpoint import find_latest_checkpoint
 
-from mlla_mm.tools_utils import read_logged_metrics
+from mlla_mm.utils.config_check import read_logged_metrics
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIG = 'configs/toy/mask_rcnn_mlla_t_toy.py'
@@ -32,7 +32,7 @@ def _run(step: str, *args: str) -> float:
     """Run ``python ARGS`` in the repository root, streaming its output; return the seconds."""
     print(f'\n=== {step}: python {" ".join(args)}', flush=True)
     # The tools pick their threads themselves (one unless OMP_NUM_THREADS or --threads says
-    # otherwise; see mlla_mm.tools_utils.DEFAULT_THREADS).
+    # otherwise; see mlla_mm.utils.config_check.DEFAULT_THREADS).
     start = time.monotonic()
     proc = subprocess.run([sys.executable, *args], cwd=ROOT)
     if proc.returncode != 0:

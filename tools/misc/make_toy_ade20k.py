@@ -10,7 +10,7 @@ configs/toy/upernet_mlla_t_toy.py reads it with mmseg's pipelines and IoUMetric.
 
 import argparse
 
-from mlla_mm.toy_ade20k import CLASSES, make_toy_ade20k
+from mlla_mm.datasets.toy_ade20k import CLASSES, make_toy_ade20k
 
 
 def main(argv=None) -> None:

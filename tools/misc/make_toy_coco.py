@@ -10,7 +10,7 @@ set written with the same arguments is kept (pass --force to write it again).
 
 import argparse
 
-from mlla_mm.toy_coco import CLASSES, make_toy_coco
+from mlla_mm.datasets.toy_coco import CLASSES, make_toy_coco
 
 
 def main(argv=None) -> None:

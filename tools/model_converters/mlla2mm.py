@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from mlla_mm.convert import convert_checkpoint
+from mlla_mm.apis.conversion import convert_checkpoint
 
 
 def parse_arch(text: str):

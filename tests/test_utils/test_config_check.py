@@ -15,7 +15,7 @@ from mmengine.config import Config
 
 pytest.importorskip('mmdet')
 
-from mlla_mm.tools_utils import (  # noqa: E402
+from mlla_mm.utils.config_check import (  # noqa: E402
     DEFAULT_THREADS,
     ConfigCheckError,
     ConsoleFilter,
@@ -28,7 +28,7 @@ from mlla_mm.tools_utils import (  # noqa: E402
     user_errors,
     validate_config,
 )
-from mlla_mm.toy_coco import make_toy_coco  # noqa: E402
+from mlla_mm.datasets.toy_coco import make_toy_coco  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 TOY = ROOT / 'configs' / 'toy' / 'mask_rcnn_mlla_t_toy.py'
@@ -355,7 +355,7 @@ def test_console_filter_keeps_details_in_the_log_file(tmp_path):
 
 
 def test_user_errors_print_one_message_and_exit_2(capsys, monkeypatch):
-    from mlla_mm.safe_load import CheckpointFileError
+    from mlla_mm.utils.safe_load import CheckpointFileError
 
     monkeypatch.delenv('MLLA_MM_DEBUG', raising=False)
     for error in (
@@ -380,7 +380,7 @@ def test_user_errors_print_one_message_and_exit_2(capsys, monkeypatch):
 _RANK_SCRIPT = """
 import atexit, sys
 import torch, torch.distributed as dist
-from mlla_mm.tools_utils import end_distributed_process
+from mlla_mm.utils.config_check import end_distributed_process
 t = torch.ones(3)
 if sys.argv[2] == 'distributed':
     dist.init_process_group('gloo', init_method=f'file://{sys.argv[3]}', rank=0, world_size=1)
@@ -415,7 +415,7 @@ def test_cpu_launcher_other_than_pytorch_is_refused_even_with_a_console_without_
     distributed runs must not fail first where stderr has no file (a notebook, a capture)."""
     import io
 
-    from mlla_mm.tools_utils import setup_cpu_distributed
+    from mlla_mm.utils.config_check import setup_cpu_distributed
 
     if torch.cuda.is_available():
         pytest.skip('with CUDA mmengine starts the process group')

@@ -1,4 +1,4 @@
-"""The toy COCO set of mlla_mm.toy_coco: valid COCO, masks matching boxes, reproducible."""
+"""The toy COCO set of mlla_mm.datasets.toy_coco: valid COCO, masks matching boxes, reproducible."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from mlla_mm.toy_coco import CLASSES, make_toy_coco
+from mlla_mm.datasets.toy_coco import CLASSES, make_toy_coco
 
 
 def test_writes_a_coco_instances_set(tmp_path):

@@ -14,7 +14,7 @@ and whole models built on it export to plain ONNX:
 Whole models: a segmentor exports to its logits at input resolution (UperNet included: its
 ``AdaptiveAvgPool2d`` pyramid pooling is swapped for an exact, shape-generic equivalent before
 export, see :class:`ShapeGenericAdaptiveAvgPool2d`), a classifier to its logits, and Mask R-CNN
-whole, image to boxes, scores, labels and masks (:mod:`mlla_mm.deploy_det`, with its own export
+whole, image to boxes, scores, labels and masks (:mod:`mlla_mm.deploy.mask_rcnn_graph`, with its own export
 and parity functions; :class:`DetectorFeatures` exports the backbone + neck only).
 """
 
@@ -68,7 +68,7 @@ def load_backbone_weights(model: MLLA, checkpoint: str) -> None:
         KeyError: If backbone weights other than the output norms are missing: output norms
             missing from an ImageNet checkpoint (it has ``norm3`` only) are only reported.
     """
-    from mlla_mm.convert import load_official
+    from mlla_mm.apis.conversion import load_official
 
     state_dict = load_official(checkpoint)
     result = model.load_state_dict(dict(state_dict), strict=False)
@@ -162,7 +162,7 @@ class ClassifierLogits(nn.Module):
 class DetectorFeatures(nn.Module):
     """An mmdet detector's backbone + neck: ``image -> (FPN level 0, 1, ...)``.
 
-    For the whole Mask R-CNN see :class:`mlla_mm.deploy_det.MaskRCNNGraph`.
+    For the whole Mask R-CNN see :class:`mlla_mm.deploy.mask_rcnn_graph.MaskRCNNGraph`.
     """
 
     def __init__(self, detector: nn.Module) -> None:
@@ -174,7 +174,7 @@ class DetectorFeatures(nn.Module):
 
 
 def _detector_graph(detector: nn.Module) -> nn.Module:
-    from mlla_mm.deploy_det import MaskRCNNGraph
+    from mlla_mm.deploy.mask_rcnn_graph import MaskRCNNGraph
 
     return MaskRCNNGraph(detector)
 
@@ -193,14 +193,14 @@ def build_whole_model(config: str | Config, checkpoint: str | None = None) -> nn
 
     Returns:
         nn.Module: :class:`SegmentorLogits`, :class:`ClassifierLogits` or
-        :class:`mlla_mm.deploy_det.MaskRCNNGraph` (the whole detector; export it with
-        :func:`mlla_mm.deploy_det.export_detector_onnx`), eval mode, on the CPU.
+        :class:`mlla_mm.deploy.mask_rcnn_graph.MaskRCNNGraph` (the whole detector; export it with
+        :func:`mlla_mm.deploy.mask_rcnn_graph.export_detector_onnx`), eval mode, on the CPU.
     """
     from mmengine.model import revert_sync_batchnorm
     from mmengine.registry import DefaultScope
     from mmengine.runner import load_checkpoint
 
-    from mlla_mm.tools_utils import setup_scope
+    from mlla_mm.utils.config_check import setup_scope
 
     cfg = copy.deepcopy(config) if isinstance(config, Config) else Config.fromfile(config)
     scope = setup_scope(cfg)

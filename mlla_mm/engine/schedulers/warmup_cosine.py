@@ -14,7 +14,7 @@ import math
 from mmengine.optim.scheduler.lr_scheduler import LRSchedulerMixin
 from mmengine.optim.scheduler.param_scheduler import INF, _ParamScheduler
 
-from ..registry import PARAM_SCHEDULERS
+from mlla_mm.registry import PARAM_SCHEDULERS
 
 __all__ = ['WarmupCosineLR']
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlla_mm.toy_ade20k import CLASSES, PALETTE, make_toy_ade20k
+from mlla_mm.datasets.toy_ade20k import CLASSES, PALETTE, make_toy_ade20k
 
 ROOT = Path(__file__).parents[1]
 

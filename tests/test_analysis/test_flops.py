@@ -1,4 +1,4 @@
-"""Tests of ``mlla_mm.flops`` and ``tools/analysis/get_flops.py``: the ATen-level count agrees
+"""Tests of ``mlla_mm.analysis.flops`` and ``tools/analysis/get_flops.py``: the ATen-level count agrees
 with the hand count of the equations, sees the attention products, and gives the paper's figures."""
 
 import json
@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mlla_mm.flops import backbone_flops, config_flops, count_flops, mlla_macs
+from mlla_mm.analysis.flops import backbone_flops, config_flops, count_flops, mlla_macs
 
 ROOT = Path(__file__).parents[1]
 TINY = {'embed_dims': 32, 'depths': (1, 2, 2, 1), 'num_heads': (1, 2, 4, 8)}
@@ -39,7 +39,7 @@ def test_autograd_path_counts_the_same():
     """With autograd the backbone takes other code paths (4-D attention products, unfused
     linears); the count is the same."""
     from mlla_mm import MLLA
-    from mlla_mm.flops import MacCounting
+    from mlla_mm.analysis.flops import MacCounting
 
     for train in (False, True):
         model = MLLA(arch=TINY, drop_path_rate=0.0).train(train)

@@ -11,7 +11,7 @@ import torch
 from mmengine.config import Config
 from mmengine.runner import load_checkpoint
 
-from mlla_mm.convert import convert_state_dict, infer_arch
+from mlla_mm.apis.conversion import convert_state_dict, infer_arch
 from mlla_mm.testing import PlainMLLA, fake_official_state_dict
 
 ROOT = Path(__file__).parents[1]

@@ -26,7 +26,7 @@ def det(tmp_path_factory) -> dict:
     from PIL import Image
 
     import mlla_mm
-    from mlla_mm.toy_coco import make_toy_coco
+    from mlla_mm.datasets.toy_coco import make_toy_coco
 
     tmp = tmp_path_factory.mktemp('infer_det')
     make_toy_coco(tmp / 'data', num_train=1, num_val=3, size=64, seed=1)
@@ -123,7 +123,7 @@ def test_draws_into_a_file_or_a_folder(det, inferencer, tmp_path):
 
 
 def test_bad_inputs_give_one_clear_message(det, inferencer, tmp_path):
-    from mlla_mm.inference import InputError
+    from mlla_mm.apis.inference import InputError
 
     text = tmp_path / 'notes.txt'
     text.write_text('not an image')
@@ -149,7 +149,7 @@ def test_bad_inputs_give_one_clear_message(det, inferencer, tmp_path):
 
 
 def test_inference_image_keeps_working(det, tmp_path):
-    from mlla_mm.inference import inference_image
+    from mlla_mm.apis.inference import inference_image
 
     out = tmp_path / 'demo.png'
     found = inference_image(

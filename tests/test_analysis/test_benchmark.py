@@ -1,4 +1,4 @@
-"""Tests of ``mlla_mm.benchmark`` and ``tools/benchmark.py`` at tiny sizes: the run produces
+"""Tests of ``mlla_mm.analysis.benchmark`` and ``tools/benchmark.py`` at tiny sizes: the run produces
 JSON, CSV and PNG files with sane fields (no timing assertions)."""
 
 import csv
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mlla_mm import MLLA
-from mlla_mm.benchmark import (
+from mlla_mm.analysis.benchmark import (
     HUGE_PAGES_TUNABLE,
     PEERS,
     BenchConfig,
@@ -24,7 +24,7 @@ from mlla_mm.benchmark import (
     run_benchmark,
     summarise,
 )
-from mlla_mm.flops import mlla_macs
+from mlla_mm.analysis.flops import mlla_macs
 from mlla_mm.testing import PlainMLLA
 
 ROOT = Path(__file__).parents[1]
@@ -158,7 +158,7 @@ def test_bf16_model_run_reports_machine_and_kernels(monkeypatch):
 
 
 def test_part_times_cover_the_backbone():
-    from mlla_mm.benchmark import part_times
+    from mlla_mm.analysis.benchmark import part_times
 
     model = MLLA(arch=TINY)
     x = torch.randn(1, 3, 64, 96)
@@ -177,7 +177,7 @@ def test_part_times_cover_the_backbone():
 def test_dense_layers_alone_are_replayed(dtype):
     """dense_gemm_time replays each linear and dense conv the model ran (no depthwise conv, no
     attention product): their MACs are the model's minus those, counted independently."""
-    from mlla_mm.benchmark import dense_gemm_time
+    from mlla_mm.analysis.benchmark import dense_gemm_time
 
     model = MLLA(arch=TINY)
     x = torch.randn(1, 3, 64, 96)

@@ -1,0 +1,1 @@
+"""Model analysis: FLOPs counting and latency/memory benchmarks."""

@@ -1,0 +1,5 @@
+"""``python -m mlla_mm.analysis.benchmark``: per-part times of an MLLA backbone."""
+
+from .run import _parts_main
+
+_parts_main()

@@ -1,0 +1,1 @@
+"""High-level APIs: inference with a config and checkpoint, and checkpoint conversion."""

@@ -1,0 +1,1 @@
+"""Generated toy datasets in COCO and ADE20K layout."""

@@ -1,0 +1,1 @@
+"""Classifiers built on the MLLA backbone (they need mmpretrain)."""
