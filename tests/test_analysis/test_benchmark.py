@@ -27,7 +27,7 @@ from mlla_mm.analysis.benchmark import (
 from mlla_mm.analysis.flops import mlla_macs
 from mlla_mm.testing import PlainMLLA
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 TINY = {'embed_dims': 32, 'depths': (1, 2, 2, 1), 'num_heads': (1, 2, 4, 8)}
 
 

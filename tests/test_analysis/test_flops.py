@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from mlla_mm.analysis.flops import backbone_flops, config_flops, count_flops, mlla_macs
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 TINY = {'embed_dims': 32, 'depths': (1, 2, 2, 1), 'num_heads': (1, 2, 4, 8)}
 LAYOUTS = ROOT / 'tests' / 'data' / 'mlla_official_layouts.json'
 

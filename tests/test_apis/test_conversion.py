@@ -14,7 +14,7 @@ from mmengine.runner import load_checkpoint
 from mlla_mm.apis.conversion import convert_state_dict, infer_arch
 from mlla_mm.testing import PlainMLLA, fake_official_state_dict
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 LAYOUTS = json.loads((ROOT / 'tests' / 'data' / 'mlla_official_layouts.json').read_text())
 
 

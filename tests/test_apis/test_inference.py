@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip('mmdet')
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 TINY = 'dict(_delete_=True, embed_dims=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))'
 CLASSES = ('circle', 'square', 'triangle')
 

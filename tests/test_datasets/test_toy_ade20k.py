@@ -10,7 +10,7 @@ from PIL import Image
 
 from mlla_mm.datasets.toy_ade20k import CLASSES, PALETTE, make_toy_ade20k
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 @pytest.fixture(scope='module')

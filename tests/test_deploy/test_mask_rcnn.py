@@ -28,7 +28,7 @@ from mlla_mm.deploy.mask_rcnn_graph import (  # noqa: E402
     paste_masks,
 )
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 TOY = ROOT / 'configs' / 'toy' / 'mask_rcnn_mlla_t_toy.py'
 # The smallest MLLA with every stage (see test_deploy.py), heads at 32 channels.
 MINI = {'embed_dims': 16, 'depths': (1, 1, 1, 1), 'num_heads': (1, 2, 2, 4)}

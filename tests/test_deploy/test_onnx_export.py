@@ -27,7 +27,7 @@ from mlla_mm.testing import fake_official_state_dict
 pytest.importorskip('onnx')
 pytest.importorskip('onnxruntime')
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 # Smallest MLLA that still has every stage, heads and padding at each downsampling.
 MINI = {'embed_dims': 16, 'depths': (1, 1, 1, 1), 'num_heads': (1, 2, 2, 4)}
 

@@ -30,7 +30,7 @@ from mlla_mm.utils.config_check import (  # noqa: E402
 )
 from mlla_mm.datasets.toy_coco import make_toy_coco  # noqa: E402
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 TOY = ROOT / 'configs' / 'toy' / 'mask_rcnn_mlla_t_toy.py'
 
 

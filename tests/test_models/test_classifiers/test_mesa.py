@@ -22,7 +22,7 @@ from mmpretrain.structures import DataSample  # noqa: E402
 
 from mlla_mm.engine import MESAHook, MESAImageClassifier, mesa_loss  # noqa: E402
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[3]
 TINY_ARCH = dict(embed_dims=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
 NUM_CLASSES = 5
 
