@@ -36,6 +36,7 @@ COMMANDS = {
     'mlla-export-onnx': 'export_onnx',
     'mlla-convert': 'convert',
     'mlla-configs': 'configs',
+    'mlla-make-toy': 'make_toy',
 }
 
 
@@ -86,8 +87,10 @@ setup(
     packages=find_packages(include=['mlla_mm', 'mlla_mm.*']),
     # the C source of the fused CPU kernels, compiled on first use (cpu_kernels.py)
     package_data={'mlla_mm.models.backbones': ['*.c']},
-    # torch >= 2.3: torch.compiler.is_compiling (mlla_mm.utils.MIN_TORCH)
-    install_requires=['torch>=2.3', 'mmengine>=0.10.0,<1.0', 'numpy'],
+    # torch >= 2.3: torch.compiler.is_compiling (mlla_mm.utils.MIN_TORCH). setuptools < 82:
+    # mmengine 0.10 finds installed packages (and their configs: _base_ = 'mmdet::...') with
+    # pkg_resources, which setuptools 82 removed; torch brings a newer setuptools otherwise.
+    install_requires=['torch>=2.3', 'mmengine>=0.10.0,<1.0', 'numpy', 'setuptools<82'],
     extras_require=EXTRAS,
     entry_points={'console_scripts': [f'{cmd}=mlla_mm.cli:{fn}' for cmd, fn in COMMANDS.items()]},
     cmdclass={'build_py': BuildPyWithMim},

@@ -4,14 +4,15 @@ Importing this package registers ``mlla_mm.MLLA`` in the ``mlla_mm`` registry (a
 mmengine's ``MODELS``) and allow-lists the types mmengine's Runner pickles into its checkpoints,
 so that ``torch.load(weights_only=True)`` (the default from torch 2.6) loads them. Only ``torch``
 and ``mmengine`` are needed; the task pieces import mmdet/mmseg/mmpretrain lazily. It also lets
-configs inherit the shipped configs as ``_base_ = 'mlla_mm::NAME'`` (:mod:`mlla_mm.utils.resources`).
+configs inherit the shipped configs as ``_base_ = 'mlla_mm::NAME'``
+(:mod:`mlla_mm.utils.resources`).
 """
 
 import torch as _torch
 
+from .utils import check_torch_version as _check_torch_version
 from .utils.resources import check_tool_checkout as _check_tool_checkout
 from .utils.resources import register_config_prefix as _register_config_prefix
-from .utils import check_torch_version as _check_torch_version
 
 _check_tool_checkout()
 _check_torch_version(_torch.__version__)

@@ -7,6 +7,7 @@
 - ``mlla-export-onnx``: ``deployment/export_onnx.py``
 - ``mlla-convert``: ``model_converters/mlla2mm.py`` (official checkpoints -> mlla_mm)
 - ``mlla-configs``: lists the shipped configs (:func:`configs`)
+- ``mlla-make-toy``: writes a toy dataset (:mod:`mlla_mm.datasets.make_toy`)
 
 A command runs the script as ``python tools/<script> ARGS`` would (as ``__main__``, like
 ``runpy.run_path``), so the tools stay the one implementation and need no changes. An argument
@@ -18,6 +19,7 @@ same where the scripts folder is not on ``PATH``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import types
 from collections.abc import Sequence
@@ -31,6 +33,7 @@ __all__ = [
     'benchmark',
     'configs',
     'convert',
+    'make_toy',
     'demo',
     'export_onnx',
     'main',
@@ -69,8 +72,9 @@ def run_tool(tool: str, argv: Sequence[str] | None = None, prog: str | None = No
     prog = prog or f'mlla-{tool}'
     try:
         args = [_expand_prefix(a) for a in (sys.argv[1:] if argv is None else argv)]
-    except FileNotFoundError as e:
-        raise SystemExit(f'{prog}: error: {e}') from None
+    except FileNotFoundError as e:  # an unknown mlla_mm:: name: a user error, as in the tools
+        print(f'{prog}: error: {e}', file=sys.stderr)
+        raise SystemExit(2) from None
     _run_script(script, [prog, *args])
 
 
@@ -141,20 +145,37 @@ def configs(argv: Sequence[str] | None = None) -> None:
     parser.add_argument('--path', action='store_true', help='print the configs folder')
     args = parser.parse_args(argv)
     if args.path:
-        print(config_dir())
+        text = str(config_dir())
     elif args.name:
         try:
-            print(config_path(args.name))
+            text = str(config_path(args.name))
         except FileNotFoundError as e:
-            parser.exit(2, f'mlla-configs: {e}\n')
+            parser.exit(2, f'mlla-configs: error: {e}\n')
     else:
-        print('\n'.join(list_configs()))
+        text = '\n'.join(list_configs())
+    _print_to_pipe(text)
+
+
+def _print_to_pipe(text: str) -> None:
+    """Print ``text``; a reader that stops early (``mlla-configs | head -1``) is no error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python would report the broken pipe again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def make_toy(argv: Sequence[str] | None = None) -> None:
+    """``mlla-make-toy {coco,ade20k} DIR``: write a toy dataset (:mod:`mlla_mm.datasets`)."""
+    from mlla_mm.datasets.make_toy import main as make_toy_main
+
+    make_toy_main(argv, prog='mlla-make-toy')
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m mlla_mm.cli TOOL ARGS``: the commands without the scripts on ``PATH``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    choices = [*TOOLS, 'configs']
+    choices = [*TOOLS, 'configs', 'make-toy']
     if not argv or argv[0] not in choices:
         problem = f'mlla_mm has no tool {argv[0]!r}\n' if argv and argv[0] != '--help' else ''
         raise SystemExit(
@@ -163,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     if argv[0] == 'configs':
         configs(argv[1:])
+    elif argv[0] == 'make-toy':
+        make_toy(argv[1:])
     else:
         run_tool(argv[0], argv[1:], prog=f'python -m mlla_mm.cli {argv[0]}')
 

@@ -33,7 +33,7 @@ from mlla_mm.analysis.benchmark import (
     write_csv,
     write_json,
 )
-from mlla_mm.utils.config_check import silence_library_warnings
+from mlla_mm.utils.console import silence_library_warnings
 
 DEFAULT_PEERS = ('mlla_t_plain', 'swin_t', 'convnext_t', 'resnet50', 'vit_b16')
 

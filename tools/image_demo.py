@@ -2,32 +2,33 @@
 
     python tools/image_demo.py IMG_OR_FOLDER CONFIG CHECKPOINT [--out-file OUT.png]
         [--out-dir DIR] [--device cpu] [--batch-size 1] [--score-thr 0.3] [--opacity 0.5]
-        [--topk 5] [--cfg-options key=value ...] [--threads N] [--debug]
+        [--topk 5] [--cfg-options key=value ...] [--skip-checkpoint-check] [--threads N]
+        [--debug]
 
-The task comes from the config's ``default_scope``; the model is built once
-(``mlla_mm.MLLAInferencer``) and run on the image, or on every image of a folder. Prints what was
-found as JSON (one object for an image, a list for a folder).
+CONFIG is a file or ``mlla_mm::NAME`` (a shipped config). The task comes from the config's
+``default_scope``; the model is built once (``mlla_mm.MLLAInferencer``) and run on the image, or
+on every image of a folder. A checkpoint of another task is refused (as by tools/test.py). Prints
+what was found as JSON (one object for an image, a list for a folder), and only that on stdout.
 """
 
 import argparse
+import contextlib
 import json
 import os.path as osp
+import sys
 
 from mmengine.config import DictAction
 
-from mlla_mm.apis.inference import InputError, MLLAInferencer, read_images, summarise
-from mlla_mm.utils.config_check import (
-    add_common_args,
-    setup_threads,
-    silence_library_warnings,
-    user_errors,
-)
+from mlla_mm.apis.inference import MLLAInferencer, read_images, summarise
+from mlla_mm.utils.command_line import add_common_args, setup_threads, user_errors
+from mlla_mm.utils.console import silence_library_warnings
+from mlla_mm.utils.errors import InputError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Inference on an image or a folder of images')
     parser.add_argument('img', help='image file, or a folder of images')
-    parser.add_argument('config', help='config file')
+    parser.add_argument('config', help='config file, or mlla_mm::NAME for a shipped config')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument('--out-file', help='drawing of the result of one image (PNG/JPEG)')
     parser.add_argument('--out-dir', help='folder for the drawings (one per image)')
@@ -37,6 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--opacity', type=float, default=0.5, help='segmentation overlay opacity')
     parser.add_argument('--topk', type=int, default=5, help='classification: classes to report')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config keys')
+    parser.add_argument(
+        '--skip-checkpoint-check',
+        action='store_true',
+        help='run even if the checkpoint lacks weights of the model (they stay random)',
+    )
     add_common_args(parser)
     return parser.parse_args(argv)
 
@@ -58,7 +64,9 @@ def _json(found, pad: str = '') -> str:
 def main(argv=None) -> list | dict:
     args = parse_args(argv)
     silence_library_warnings()
-    with user_errors('tools/image_demo.py', args.debug):
+    # stdout carries the JSON alone (`mlla-demo ... | python -m json.tool`): whatever the
+    # libraries print while the model is built and run goes to stderr.
+    with user_errors(debug=args.debug), contextlib.redirect_stdout(sys.stderr):
         if args.out_file and osp.isdir(args.img):
             raise InputError(
                 f'{args.img!r} is a folder: draw its images with --out-dir DIR, not --out-file'
@@ -68,7 +76,11 @@ def main(argv=None) -> list | dict:
         setup_threads(args.threads)
         read_images(args.img)  # a missing or unreadable image fails before the model is built
         inferencer = MLLAInferencer(
-            args.config, args.checkpoint, device=args.device, cfg_options=args.cfg_options
+            args.config,
+            args.checkpoint,
+            device=args.device,
+            cfg_options=args.cfg_options,
+            check_checkpoint=not args.skip_checkpoint_check,
         )
         results = inferencer(
             args.img,

@@ -412,20 +412,18 @@ def build_from_config(config, cfg_options: dict | None = None) -> tuple:
     """Build the model of an mmdet / mmseg / mmpretrain config (weights not loaded).
 
     Args:
-        config: Path of a config file or a loaded ``mmengine.Config``.
+        config: A config file, ``mlla_mm::NAME`` or a loaded ``mmengine.Config`` (not modified).
         cfg_options: Keys to override, as ``--cfg-options`` does.
 
     Returns:
         tuple: ``(model, scope)``, the model in eval mode and the config's ``default_scope``.
     """
-    from mmengine.config import Config
     from mmengine.registry import MODELS, DefaultScope
 
-    from mlla_mm.utils.config_check import setup_scope
+    from mlla_mm.utils.config_loader import load_config
+    from mlla_mm.utils.scope import setup_scope
 
-    cfg = Config.fromfile(config) if isinstance(config, str) else config
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+    cfg = load_config(config, cfg_options)
     scope = setup_scope(cfg)
     model_cfg = cfg.model.copy()
     model_cfg.pop('pretrained', None)
@@ -475,7 +473,7 @@ def config_flops(
     backbone, neck and head.
 
     Args:
-        config: Path of a config file or a loaded ``mmengine.Config``.
+        config: A config file, ``mlla_mm::NAME`` or a loaded ``mmengine.Config`` (not modified).
         height: Input height.
         width: Input width.
         cfg_options: Keys to override.

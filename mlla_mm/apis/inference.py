@@ -15,17 +15,22 @@ arrays and lists of them, in batches::
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import os
 import os.path as osp
+import sys
 import warnings
-from collections.abc import Iterable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from mmengine.config import Config
 
+from mlla_mm.apis.images import IMAGE_SUFFIXES, ImageInput, _is_batch, read_images
 from mlla_mm.utils import require
+from mlla_mm.utils.checkpoint_check import check_checkpoint as _check_checkpoint
+from mlla_mm.utils.config_loader import load_config
+from mlla_mm.utils.errors import InputError
+from mlla_mm.utils.scope import setup_scope
 
 __all__ = [
     'IMAGE_SUFFIXES',
@@ -39,126 +44,8 @@ __all__ = [
 
 # default_scope -> task
 TASKS = {'mmdet': 'detection', 'mmseg': 'segmentation', 'mmpretrain': 'classification'}
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
+_SKIP_HINT = 'pass check_checkpoint=False (--skip-checkpoint-check) to run it anyway'
 _MIN_DRAW_SIDE = 512  # detections on smaller images are drawn on an enlarged copy
-
-ImageInput = Union[str, os.PathLike, np.ndarray, Sequence[Any]]
-
-
-class InputError(ValueError):
-    """An image input that cannot be used; the message names the input and the problem."""
-
-
-# ------------------------------------------------------------------------------------------
-# Reading inputs
-# ------------------------------------------------------------------------------------------
-def _describe(value: Any) -> str:
-    """A short description of an input, never its contents (an array may be megabytes)."""
-    if isinstance(value, np.ndarray):
-        return f'array of shape {value.shape} and dtype {value.dtype}'
-    text = repr(value)
-    return text if len(text) <= 80 else f'{type(value).__name__} {text[:60]}...'
-
-
-def _check_array(img: np.ndarray, where: str) -> np.ndarray:
-    """An HxWx3 uint8 BGR image from an HxW, HxWx1, HxWx3 or HxWx4 uint8 array."""
-    if img.dtype != np.uint8:
-        raise InputError(
-            f'{where}: {_describe(img)}; give uint8 pixels (0-255), e.g. '
-            'np.clip(img, 0, 255).astype(np.uint8)'
-        )
-    if img.ndim == 2:
-        img = img[:, :, None]
-    if img.ndim != 3 or img.shape[2] not in (1, 3, 4) or min(img.shape[:2]) < 1:
-        raise InputError(
-            f'{where}: {_describe(img)}; give an image array of shape HxWx3 (BGR, as cv2.imread '
-            'returns), HxW (grey) or NxHxWx3 (a batch)'
-        )
-    if img.shape[2] == 1:
-        img = np.repeat(img, 3, axis=2)
-    elif img.shape[2] == 4:
-        img = img[:, :, :3]
-    return np.ascontiguousarray(img)
-
-
-def _read_file(path: str) -> np.ndarray:
-    cv2 = require('cv2', 'reading images')
-    with open(path, 'rb') as f:
-        data = f.read()
-    img = None
-    if data:
-        try:
-            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        except cv2.error:
-            img = None
-    if img is None:
-        what = 'is empty' if not data else 'is not an image OpenCV can decode'
-        raise InputError(
-            f'{path!r} {what}; give an image file ({", ".join(IMAGE_SUFFIXES)}) or a folder of them'
-        )
-    return img
-
-
-def _expand(inputs: ImageInput, where: str) -> Iterable[tuple[str | None, Any]]:
-    """Yield ``(path or None, path or array)`` for every image of ``inputs``."""
-    if isinstance(inputs, (str, os.PathLike)):
-        path = os.fspath(inputs)
-        if osp.isdir(path):
-            names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_SUFFIXES))
-            if not names:
-                raise InputError(
-                    f'folder {path!r} holds no image files ({", ".join(IMAGE_SUFFIXES)})'
-                )
-            for name in names:
-                yield osp.join(path, name), osp.join(path, name)
-        elif osp.isfile(path):
-            yield path, path
-        else:
-            shown = '' if osp.isabs(path) else f' (looked for {osp.abspath(path)})'
-            raise InputError(f'image {path!r} does not exist{shown}')
-    elif isinstance(inputs, np.ndarray):
-        if inputs.ndim == 4:
-            for i, img in enumerate(inputs):
-                yield None, _check_array(img, f'{where}[{i}]')
-        else:
-            yield None, _check_array(inputs, where)
-    elif isinstance(inputs, (list, tuple)):
-        if not inputs:
-            raise InputError(f'{where}: the list of images is empty')
-        for i, item in enumerate(inputs):
-            if isinstance(item, (list, tuple)):
-                raise InputError(f'{where}[{i}]: nested lists are not images; flatten the list')
-            yield from _expand(item, f'{where}[{i}]')
-    else:
-        raise InputError(
-            f'{where}: {_describe(inputs)} is not an image; give a file path, a folder, an HxWx3 '
-            'uint8 BGR numpy array, or a list of these'
-        )
-
-
-def read_images(inputs: ImageInput) -> list[tuple[str | None, np.ndarray]]:
-    """Read every image of ``inputs`` as ``(path or None, HxWx3 uint8 BGR array)``.
-
-    Args:
-        inputs: An image file, a folder (its image files, sorted by name), an HxWx3 uint8 BGR
-            array (HxW grey and HxWx4 are converted), an NxHxWx3 batch, or a list of these.
-
-    Raises:
-        InputError: For a missing file, a file that is not an image, an empty folder or an
-            array that is not an image; the message names the input, never prints an array.
-    """
-    return [
-        (path, _read_file(src) if isinstance(src, str) else src)
-        for path, src in _expand(inputs, 'input')
-    ]
-
-
-def _is_batch(inputs: ImageInput) -> bool:
-    if isinstance(inputs, (list, tuple)):
-        return True
-    if isinstance(inputs, np.ndarray):
-        return inputs.ndim == 4
-    return isinstance(inputs, (str, os.PathLike)) and osp.isdir(inputs)
 
 
 # ------------------------------------------------------------------------------------------
@@ -204,14 +91,22 @@ class MLLAInferencer:
     when drawn, ``out_file``.
 
     Args:
-        config: Config file or object (``default_scope`` mmdet, mmseg or mmpretrain).
+        config: Config file, ``mlla_mm::NAME`` (a shipped config) or ``Config`` object
+            (``default_scope`` mmdet, mmseg or mmpretrain).
         checkpoint: Checkpoint of ``tools/train.py`` (or converted with
             ``tools/model_converters/mlla2mm.py``); None keeps random weights (with a warning).
         device: Torch device, e.g. ``'cpu'`` or ``'cuda:0'``.
         cfg_options: Config overrides, as ``--cfg-options`` of the tools.
+        check_checkpoint: Refuse a checkpoint that does not fill the model (e.g. one of
+            another task: a detector's on a segmentation config) instead of running with
+            random weights in the missing places.
+
+    Raises:
+        CheckpointMismatchError: The checkpoint lacks weights of the model, or their shapes
+            differ (with ``check_checkpoint``).
 
     Example:
-        >>> inferencer = MLLAInferencer('configs/upernet_mlla_t.py', 'upernet.pth')
+        >>> inferencer = MLLAInferencer('mlla_mm::upernet_mlla_t.py', 'upernet.pth')
         >>> result = inferencer(cv2.imread('street.jpg'), out_file='street_seg.png')
         >>> result['sem_seg'].shape
         (512, 683)
@@ -223,17 +118,9 @@ class MLLAInferencer:
         checkpoint: str | os.PathLike | None = None,
         device: str = 'cpu',
         cfg_options: dict | None = None,
+        check_checkpoint: bool = True,
     ) -> None:
-        from mlla_mm.utils.config_check import setup_scope
-
-        if isinstance(config, Config):
-            cfg = copy.deepcopy(config)
-        else:
-            if not osp.isfile(config):
-                raise FileNotFoundError(f'config {os.fspath(config)!r} does not exist')
-            cfg = Config.fromfile(os.fspath(config))
-        if cfg_options:
-            cfg.merge_from_dict(cfg_options)
+        cfg = load_config(config, cfg_options)
         self.scope = setup_scope(cfg)  # imports and registers the library, and mlla_mm
         self.task = TASKS[self.scope]
         if checkpoint is not None:
@@ -246,7 +133,12 @@ class MLLAInferencer:
             )
         self.cfg = cfg
         self.device = device
-        self.model = self._build(cfg, checkpoint, device)
+        # The libraries print "Loads checkpoint by local backend" while loading: keep stdout for
+        # the caller's own output (the image demo prints JSON there).
+        with contextlib.redirect_stdout(sys.stderr):
+            self.model = self._build(cfg, checkpoint, device)
+            if checkpoint is not None and check_checkpoint:
+                _check_checkpoint(self.model, checkpoint, skip_hint=_SKIP_HINT)
         self.model.eval()
         meta = dict(getattr(self.model, 'dataset_meta', None) or {})
         if checkpoint is None or not meta.get('classes'):

@@ -133,3 +133,11 @@ def make_toy_ade20k(
             Image.fromarray(img).save(img_dir / f'toy_{i:05d}.jpg', quality=95)
             Image.fromarray(label).save(ann_dir / f'toy_{i:05d}.png')
     return root
+
+
+if __name__ == '__main__':  # python -m mlla_mm.datasets.toy_ade20k [DIR]: as mlla-make-toy ade20k
+    import sys
+
+    from mlla_mm.datasets.make_toy import main
+
+    main(['ade20k', *sys.argv[1:]], prog='python -m mlla_mm.datasets.toy_ade20k')

@@ -211,3 +211,11 @@ def make_toy_coco(
     _write_split(out, 'val', num_val, size, max_objects, seed + 1)
     stamp.write_text(json.dumps(params))
     return files
+
+
+if __name__ == '__main__':  # python -m mlla_mm.datasets.toy_coco [DIR]: as mlla-make-toy coco
+    import sys
+
+    from mlla_mm.datasets.make_toy import main
+
+    main(['coco', *sys.argv[1:]], prog='python -m mlla_mm.datasets.toy_coco')

@@ -37,7 +37,7 @@ __all__ = [
     'tools_dir',
 ]
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # mlla_mm/
 PREFIX = 'mlla_mm::'
 
 

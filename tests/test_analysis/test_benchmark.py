@@ -1,5 +1,5 @@
-"""Tests of ``mlla_mm.analysis.benchmark`` and ``tools/benchmark.py`` at tiny sizes: the run produces
-JSON, CSV and PNG files with sane fields (no timing assertions)."""
+"""Tests of ``mlla_mm.analysis.benchmark`` and ``tools/benchmark.py`` at tiny sizes: the run
+produces JSON, CSV and PNG files with sane fields (no timing assertions)."""
 
 import csv
 import json

@@ -1,5 +1,6 @@
-"""Tests of ``mlla_mm.analysis.flops`` and ``tools/analysis/get_flops.py``: the ATen-level count agrees
-with the hand count of the equations, sees the attention products, and gives the paper's figures."""
+"""Tests of ``mlla_mm.analysis.flops`` and ``tools/analysis/get_flops.py``: the ATen-level count
+agrees with the hand count of the equations, sees the attention products, and gives the paper's
+figures."""
 
 import json
 import math

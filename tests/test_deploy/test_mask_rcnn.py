@@ -16,16 +16,20 @@ pytest.importorskip('mmdet')
 pytest.importorskip('mmcv.ops')
 
 from mlla_mm.deploy import build_whole_model, onnx_io_dims  # noqa: E402
+from mlla_mm.deploy.mask_rcnn_export import (  # noqa: E402
+    export_detector_onnx,
+    onnx_session,
+)
 from mlla_mm.deploy.mask_rcnn_graph import (  # noqa: E402
     OUTPUT_NAMES,
     MaskRCNNGraph,
+    paste_masks,
+)
+from mlla_mm.deploy.mask_rcnn_parity import (  # noqa: E402
     assert_det_parity,
     compare_detections,
     detection_check_images,
-    export_detector_onnx,
     mmdet_predict,
-    onnx_session,
-    paste_masks,
 )
 
 ROOT = Path(__file__).parents[2]
@@ -90,7 +94,8 @@ def test_to_original_size_matches_mmdet_rescale(small_graph):
     """Graph outputs mapped to the original image (a photograph, resized by the test pipeline)
     give mmdet's predict(rescale=True): boxes divided by the scale factor, masks pasted there."""
     skimage_data = pytest.importorskip('skimage.data')
-    from mlla_mm.deploy.mask_rcnn_graph import resize_for_test, to_original_size
+    from mlla_mm.deploy.mask_rcnn_graph import to_original_size
+    from mlla_mm.deploy.mask_rcnn_parity import resize_for_test
 
     original = skimage_data.coffee()[..., ::-1]  # 400x600 BGR
     image = np.ascontiguousarray(resize_for_test(original, _small_cfg()))  # 85x128

@@ -163,7 +163,7 @@ def test_cls_image_demo_top5_on_a_photo(tmp_path, capsys):
     from mmpretrain.apis import get_model
     from mmpretrain.datasets.categories import IMAGENET_CATEGORIES
 
-    from mlla_mm.utils.config_check import setup_scope
+    from mlla_mm.utils.scope import setup_scope
 
     cfg = Config.fromfile(ROOT / 'configs' / 'mlla_t_in1k.py')
     setup_scope(cfg)

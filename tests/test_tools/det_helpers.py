@@ -107,6 +107,6 @@ def assert_same_state(a, b, where: str = 'state') -> None:
 
 def read_test_metrics(work_dir: Path) -> dict:
     """The metrics ``tools/test.py`` logged into ``work_dir`` (mmengine's ``<timestamp>.json``)."""
-    from mlla_mm.utils.config_check import read_logged_metrics
+    from mlla_mm.utils.run_config import read_logged_metrics
 
     return read_logged_metrics(work_dir)

@@ -137,7 +137,7 @@ def test_test_refuses_a_checkpoint_without_the_models_heads(trained, tmp_path):
     import torch
     from mmengine.config import Config
 
-    from mlla_mm.utils.config_check import setup_scope
+    from mlla_mm.utils.scope import setup_scope
 
     det_cfg = Config.fromfile(str(ROOT / 'configs' / 'toy' / 'mask_rcnn_mlla_t_toy.py'))
     setup_scope(det_cfg)

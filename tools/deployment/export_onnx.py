@@ -34,18 +34,25 @@ from mlla_mm.deploy import (
     default_check_shapes,
     export_onnx,
     onnx_io_dims,
+    require_exporter,
+)
+from mlla_mm.deploy.mask_rcnn_export import (
+    export_detector_onnx,
+    onnx_ops,
 )
 from mlla_mm.deploy.mask_rcnn_graph import (
     DIFFERENCES,
     MaskRCNNGraph,
+)
+from mlla_mm.deploy.mask_rcnn_parity import (
     assert_det_parity,
     benchmark_detector,
     check_detector_parity,
     detection_check_images,
-    export_detector_onnx,
-    onnx_ops,
 )
-from mlla_mm.utils.config_check import user_errors
+from mlla_mm.utils import require
+from mlla_mm.utils.command_line import user_errors
+from mlla_mm.utils.config_loader import load_config
 
 
 def parse_args(argv=None):
@@ -106,16 +113,17 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    with user_errors('tools/deployment/export_onnx.py', args.debug):
+    with user_errors(debug=args.debug):
         return _main(args)
 
 
 def _main(args) -> int:
+    require_exporter(args.exporter)  # one line naming the deploy extra, before any work
+    require('onnxruntime', 'the parity checks of the export')
     torch.manual_seed(args.seed)  # reproducible random weights where no checkpoint gives them
     config = args.config
-    if config and args.cfg_options:
-        config = Config.fromfile(config)
-        config.merge_from_dict(args.cfg_options)
+    if config:
+        config = load_config(config, args.cfg_options)
     if args.whole_model:
         model = build_whole_model(config, args.checkpoint)
         if isinstance(model, MaskRCNNGraph):
@@ -159,7 +167,7 @@ def _export_detector(args, graph: MaskRCNNGraph, config) -> int:
     custom = sorted(op for op in ops if '::' in op)
     print(f'  operators: {", ".join(f"{k} x{v}" for k, v in sorted(ops.items()))}')
     print(f'  custom-domain operators: {custom or "none (standard ONNX only)"}')
-    cfg = config if isinstance(config, Config) else Config.fromfile(config)
+    cfg = config if isinstance(config, Config) else load_config(config)
     images = detection_check_images(cfg, not args.no_photos, args.toy_images)
     results = check_detector_parity(
         graph.detector, args.out, images, args.match_score_thr, args.threads

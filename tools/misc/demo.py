@@ -21,7 +21,7 @@ import time
 
 from mmengine.runner.checkpoint import find_latest_checkpoint
 
-from mlla_mm.utils.config_check import read_logged_metrics
+from mlla_mm.utils.run_config import read_logged_metrics
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIG = 'configs/toy/mask_rcnn_mlla_t_toy.py'

@@ -994,7 +994,7 @@ def _gemm_macs(name: str, args: list, out: torch.Tensor) -> int:
 
 
 def _parts_main(argv=None) -> dict:
-    """``python -m mlla_mm.analysis.benchmark --arch tiny --size 1280x800 --dtype bf16 --threads 1``"""
+    """``python -m mlla_mm.analysis.benchmark --arch tiny --size 1280x800 --dtype bf16``"""
     import argparse
 
     parser = argparse.ArgumentParser(description='Per-part inference time of an MLLA backbone')
