@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+
 BLOCK = ('mmcv', 'mmdet', 'mmseg', 'mmpretrain', 'torchvision', 'onnx', 'onnxruntime')
 
 
@@ -67,7 +69,22 @@ def test_missing_library_names_the_install_command(package, extra):
     )
     assert out.returncode == 0, out.stderr
     assert f'mlla_mm needs {package} for a test' in out.stdout
-    assert f'pip install -e ".[{extra}]"' in out.stdout
+    assert f'pip install -e "{ROOT}[{extra}]"' in out.stdout  # from a checkout: editable
+    assert len(out.stdout.strip().splitlines()) == 1
+
+
+def test_installed_package_names_its_extra(monkeypatch):
+    """Installed from a wheel (no checkout around it), the message names the wheel's extra."""
+    from mlla_mm.utils import dependencies
+
+    monkeypatch.setattr(dependencies, '_checkout', lambda: None)
+    with pytest.raises(ImportError) as err:
+        dependencies.require('no_such_module_mlla', 'a test')
+    assert str(err.value).startswith('mlla_mm needs no_such_module_mlla for a test')
+    assert dependencies.missing_message('onnx', 'ONNX export').endswith(
+        'install it with `pip install "mlla_mm[deploy]"` (package: onnx)'
+    )
+    assert 'pip install "mlla_mm[det]"' in dependencies.missing_message('mmdet')
 
 
 def test_torch_floor_is_stated_and_checked():

@@ -1,5 +1,5 @@
 """``python -m mlla_mm.analysis.benchmark``: per-part times of an MLLA backbone."""
 
-from .run import _parts_main
+from .parts import _parts_main
 
 _parts_main()
