@@ -3,7 +3,9 @@ configs, on toy configs with a tiny MLLA and random weights (no training needed)
 
 from __future__ import annotations
 
+import json
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -268,3 +270,63 @@ def test_segmentation_and_classification(tmp_path):
     shown = demo.main([str(a) for a in args])
     assert [t['label'] for t in shown['topk']] == list(result['topk_names'][:2])
     assert (tmp_path / 'top2.png').is_file()
+
+
+def test_shipped_config_by_name(det):
+    """``mlla_mm::NAME`` is a config path for the inferencer too, as for the tools."""
+    from mlla_mm import MLLAInferencer
+
+    arch = dict(_delete_=True, embed_dims=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+    tiny = {'model.backbone.arch': arch, 'model.neck.in_channels': [16, 32, 64, 128]}
+    found = MLLAInferencer('mlla_mm::toy/mask_rcnn_mlla_t_toy.py', det['ckpt'], cfg_options=tiny)
+    assert found.task == 'detection' and found.classes == CLASSES
+    assert found.cfg.filename.endswith('mask_rcnn_mlla_t_toy.py')
+
+
+def _seg_config(tmp_path: Path) -> Path:
+    seg_cfg = tmp_path / 'seg_tiny.py'
+    seg_cfg.write_text(
+        f'_base_ = [{str(ROOT / "configs/toy/upernet_mlla_t_toy.py")!r}]\n'
+        f'model = dict(backbone=dict(arch={TINY}),\n'
+        '    decode_head=dict(in_channels=[16, 32, 64, 128], channels=16),\n'
+        '    auxiliary_head=dict(in_channels=64, channels=8))\n'
+    )
+    return seg_cfg
+
+
+def test_checkpoint_of_another_task_is_refused(det, tmp_path, capsys):
+    """A Mask R-CNN checkpoint with an UperNet config: refused by the inferencer and the demo
+    (as by tools/test.py), instead of running with random heads and class names like '3'."""
+    pytest.importorskip('mmseg')
+    from mlla_mm import MLLAInferencer
+    from mlla_mm.utils.errors import CheckpointMismatchError
+
+    seg_cfg = _seg_config(tmp_path)
+    with pytest.raises(CheckpointMismatchError, match='decode_head.*check_checkpoint=False'):
+        MLLAInferencer(seg_cfg, det['ckpt'])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(ROOT / 'tools' / 'image_demo.py'), run_name='not_main')['main'](
+            [str(det['images'][0]), str(seg_cfg), str(det['ckpt'])]
+        )
+    assert stop.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == '' and 'does not fit the model of this config' in captured.err
+    with pytest.warns(UserWarning):  # opting out still works (mmengine warns of the keys)
+        forced = MLLAInferencer(seg_cfg, det['ckpt'], check_checkpoint=False)
+    assert forced.task == 'segmentation'
+
+
+@pytest.mark.slow
+def test_demo_stdout_is_json_only(det, tmp_path):
+    """``mlla-demo ... | python -m json.tool``: what the libraries print while loading the
+    checkpoint ("Loads checkpoint by local backend") goes to stderr."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / 'tools' / 'image_demo.py'), str(det['images'][0]),
+         str(det['config']), str(det['ckpt']), '--out-file', str(tmp_path / 'out.png')],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout)
+    assert found['task'] == 'detection' and found['out_file'] == str(tmp_path / 'out.png')
+    assert 'Loads checkpoint' in proc.stderr
