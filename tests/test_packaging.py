@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILD_INPUTS = ('setup.py', 'pyproject.toml', 'README.md', 'MANIFEST.in', 'mlla_mm', 'configs',
                 'tools')  # fmt: skip
 COMMANDS = ('mlla-train', 'mlla-test', 'mlla-demo', 'mlla-benchmark', 'mlla-export-onnx',
-            'mlla-convert', 'mlla-configs')  # fmt: skip
+            'mlla-convert', 'mlla-configs', 'mlla-make-toy')  # fmt: skip
 
 USER_CONFIG = """\
 _base_ = 'mlla_mm::{name}'
@@ -140,8 +140,10 @@ def test_commands_map_the_prefix_and_run_the_tool_scripts(monkeypatch, capsys):
     assert 'toy/upernet_mlla_t_toy.py' in capsys.readouterr().out.splitlines()
     with pytest.raises(SystemExit, match='no tool'):
         cli.main(['nope'])
-    with pytest.raises(SystemExit, match=r"mlla-test: error: mlla_mm ships no config 'mlla_mm::x'"):
+    with pytest.raises(SystemExit) as exit_info:
         cli.test(['mlla_mm::x', 'ckpt.pth'])
+    assert exit_info.value.code == 2  # a user error, as in the tools
+    assert "mlla-test: error: mlla_mm ships no config 'mlla_mm::x'" in capsys.readouterr().err
 
 
 # -- which mlla_mm Python imports --------------------------------------------------------------
@@ -195,12 +197,17 @@ def test_wheel_installs_configs_tools_and_commands(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         entry_points = next(zf.read(n).decode() for n in names if n.endswith('entry_points.txt'))
+        meta = next(zf.read(n).decode() for n in names if n.endswith('.dist-info/METADATA'))
+    # mmengine 0.10 needs pkg_resources, which torch's setuptools (>= 82) no longer has
+    assert 'Requires-Dist: setuptools<82' in meta
+    assert not (src / 'build').exists() or not (ROOT / 'build').exists()  # built from the copy
     assert {
         'mlla_mm/.mim/configs/mask_rcnn_mlla_t.py',
         'mlla_mm/.mim/configs/toy/upernet_mlla_t_toy.py',
         'mlla_mm/.mim/tools/train.py',
         'mlla_mm/.mim/tools/deployment/export_onnx.py',
-        'mlla_mm/resources.py',
+        'mlla_mm/utils/resources.py',
+        'mlla_mm/datasets/make_toy.py',
         'mlla_mm/models/backbones/cpu_kernels.c',  # compiled on first use
     } <= names
     assert not any('__pycache__' in n for n in names)
@@ -248,3 +255,35 @@ def test_wheel_installs_configs_tools_and_commands(tmp_path):
     assert out.stdout.startswith('usage: mlla-train') and '--work-dir' in out.stdout
     out = _run([venv / 'bin' / 'mlla-configs', 'mask_rcnn_mlla_t'], work)
     assert out.stdout.strip() == str(package / '.mim' / 'configs' / 'mask_rcnn_mlla_t.py')
+    # the toy data without a checkout
+    out = _run([venv / 'bin' / 'mlla-make-toy', 'coco', 'data/toy_coco', '--num-train', '1'], work)
+    assert out.returncode == 0, out.stderr
+    assert (work / 'data' / 'toy_coco' / 'annotations' / 'instances_val.json').is_file()
+    # an unknown shipped name: one line, status 2, named after the command
+    out = _run([venv / 'bin' / 'mlla-train', 'mlla_mm::nope.py'], work)
+    assert out.returncode == 2 and out.stderr.startswith('mlla-train: error: ')
+    # a reader that stops early is no error
+    out = subprocess.run(
+        f'{venv / "bin" / "mlla-configs"} | head -1', shell=True, capture_output=True, text=True,
+        cwd=work,
+    )  # fmt: skip
+    assert out.stdout.strip() and 'BrokenPipe' not in out.stderr, out.stderr
+
+
+def test_unknown_shipped_name_is_a_user_error(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.run_tool('train', ['mlla_mm::nope.py'], prog='mlla-train')
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.startswith(
+        "mlla-train: error: mlla_mm ships no config 'mlla_mm::nope.py'"
+    )
+
+
+def test_config_list_into_a_closed_pipe():
+    """``mlla-configs | head -1``: no BrokenPipeError traceback."""
+    code = 'from mlla_mm import cli; cli.configs([])'
+    out = subprocess.run(
+        f'{sys.executable} -c "{code}" | head -1', shell=True, capture_output=True, text=True,
+        cwd=ROOT,
+    )  # fmt: skip
+    assert out.stdout.strip().endswith('.py') and 'Error' not in out.stderr, out.stderr
