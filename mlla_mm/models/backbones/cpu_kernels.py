@@ -5,15 +5,22 @@ conversion, RoPE, the normaliser, the gate product) as separate passes over memo
 64-channel stage-0 maps those passes cost more than the GEMMs around them. ``cpu_kernels.c``
 does them in two passes over the tokens (keys, then queries) and one for the gate, leaving the
 two products (``K^T V`` and ``Q (K^T V)``) to ATen's batched GEMMs. It also holds what the
-reused buffers of large results need (:func:`mlla_ops.scratch_dtype`): a GEMM's bias and
-activation epilogue in place (:func:`bias_act_`) and a LayerNorm into a given tensor
-(:func:`layer_norm`).
+reused buffers of large results need (:mod:`.fast_path`): a GEMM's bias and activation
+epilogue in place (:func:`bias_act_`) and a LayerNorm into a given tensor (:func:`layer_norm`).
+
+Each kernel is a torch custom operator (``torch.ops.mlla.attention_features``, ``gate_``,
+``bias_act_``, ``layer_norm``, made with ``torch.library.custom_op``) with a fake
+implementation, so the dispatcher, the profiler, FakeTensor and FLOP counters see it. Only the
+fused inference path (:mod:`.fast_path`) calls them.
 
 The C file has no Python or torch headers: on first use it is compiled with the system C
 compiler (``$CC``, else ``cc``; about a second) for this machine's CPU (``-march=native``) into
 a cache folder (``$MLLA_MM_KERNEL_CACHE``, else ``~/.cache/mlla_mm/kernels``), keyed by the
 source, the compiler and the CPU flags, and called through :mod:`ctypes` (which releases the
 GIL); the C code runs ``torch.get_num_threads()`` OpenMP threads on torch's own OpenMP runtime.
+Why ctypes behind ``custom_op`` and not ``torch.utils.cpp_extension``: the C file compiles in
+about a second, where a C++ extension against torch's headers takes about a minute on first use
+(measured in docs/performance.md), and it needs no torch headers or ABI match.
 Where no compiler works, one warning says so and the ATen path runs, with the same results;
 ``MLLA_MM_CPU_KERNELS=0`` turns the kernels off.
 """
@@ -32,6 +39,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 __all__ = [
     'KernelBuildError',
@@ -214,30 +222,94 @@ def _threads(elements: int) -> int:
     return max(1, min(torch.get_num_threads(), elements // MIN_SPLIT))
 
 
-def _dispatch_mode_active() -> bool:
-    """Whether a ``TorchDispatchMode`` (a FLOP counter, FakeTensor mode...) is watching: the C
-    kernels work on memory directly, unseen by it, so the ATen ops run instead."""
-    depth = getattr(torch._C, '_len_torch_dispatch_stack', None)
-    return depth is None or depth() > 0
-
-
 def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels can run on these tensors: plain CPU tensors (no subclass, no dispatch
-    mode watching), contiguous, float32 or bfloat16."""
+    """Whether the kernels can run on these tensors: CPU, contiguous, float32 or bfloat16, and
+    the library built."""
     ok = all(
-        type(t) is torch.Tensor
-        and t.device.type == 'cpu'
-        and t.is_contiguous()
-        and t.dtype in (torch.float32, torch.bfloat16)
+        t.device.type == 'cpu' and t.is_contiguous() and t.dtype in (torch.float32, torch.bfloat16)
         for t in tensors
     )
-    return ok and not _dispatch_mode_active() and library() is not None
+    return ok and library() is not None
+
+
+# The kernels are torch custom operators (``torch.ops.mlla.*``): the dispatcher, the profiler
+# (events named ``mlla::...``), FakeTensor / ``torch.compile`` (through their fake
+# implementations) and FLOP counters (a formula where they do matrix work) see them. Each writes
+# into a tensor it is given (``mutates_args``) and returns nothing; the Python wrappers below
+# return that tensor.
+@torch.library.custom_op('mlla::attention_features', mutates_args=('out',), device_types='cpu')
+def _attention_features_op(
+    qk: torch.Tensor, out: torch.Tensor, table: torch.Tensor, heads: int
+) -> None:
+    lib = library()
+    b, n, _, c = qk.shape
+    bf16 = int(qk.dtype == torch.bfloat16)
+    threads = _threads(n * 2 * c)
+    ksum = torch.empty(threads, c, dtype=torch.float64)
+    for i in range(b):
+        src, dst = qk[i].data_ptr(), out[i].data_ptr()
+        ksum.zero_()
+        lib.mlla_keys(src, bf16, dst, table.data_ptr(), ksum.data_ptr(), n, c, threads)
+        kmean = (ksum.sum(0) / n).float()
+        lib.mlla_queries(src, bf16, dst, table.data_ptr(), kmean.data_ptr(), n, c, heads, threads)
+
+
+@_attention_features_op.register_fake
+def _(qk, out, table, heads) -> None:
+    return None
+
+
+@register_flop_formula(torch.ops.mlla.attention_features)
+def _attention_features_flops(qk_shape, out_shape, table_shape, heads, *args, **kwargs) -> int:
+    """The normaliser ``q . mean(k)`` (a (1 x C) @ (C x N) product per image) and the mean."""
+    b, n, _, c = qk_shape
+    return 2 * b * n * c + b * n * c
+
+
+@torch.library.custom_op('mlla::gate_', mutates_args=('g',), device_types='cpu')
+def _gate_op(y: torch.Tensor, g: torch.Tensor) -> None:
+    n, bf16 = g.numel(), int(g.dtype == torch.bfloat16)
+    library().mlla_gate(y.data_ptr(), g.data_ptr(), bf16, n, _threads(n))
+
+
+@_gate_op.register_fake
+def _(y, g) -> None:
+    return None
+
+
+@torch.library.custom_op('mlla::bias_act_', mutates_args=('y',), device_types='cpu')
+def _bias_act_op(y: torch.Tensor, bias: torch.Tensor, act: int) -> None:
+    c = y.shape[-1]
+    rows, bf16, threads = y.numel() // c, int(y.dtype == torch.bfloat16), _threads(y.numel())
+    library().mlla_bias_act(y.data_ptr(), bf16, bias.data_ptr(), rows, c, act, threads)
+
+
+@_bias_act_op.register_fake
+def _(y, bias, act) -> None:
+    return None
+
+
+@torch.library.custom_op('mlla::layer_norm', mutates_args=('out',), device_types='cpu')
+def _layer_norm_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out: torch.Tensor
+) -> None:
+    c = x.shape[-1]
+    library().mlla_layer_norm(
+        x.data_ptr(), int(x.dtype == torch.bfloat16), weight.data_ptr(), bias.data_ptr(), eps,
+        out.data_ptr(), int(out.dtype == torch.bfloat16), x.numel() // c, c, _threads(x.numel()),
+    )  # fmt: skip
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps, out) -> None:
+    return None
 
 
 def attention_features(
     qk: torch.Tensor, out: torch.Tensor, table: torch.Tensor, heads: int
 ) -> torch.Tensor:
-    """The rotated, normalised q and the rotated k of the attention core, in one call.
+    """The rotated, normalised q and the rotated k of the attention core, in one call
+    (``torch.ops.mlla.attention_features``).
 
     For each image: ``k = ELU(qk[:, 1]) + 1``, ``out[:, 1] = RoPE(k)``; then ``q = ELU(qk[:, 0])
     + 1``, ``out[:, 0] = RoPE(q) / (q . mean(k) + 1e-6)`` per head.
@@ -251,24 +323,14 @@ def attention_features(
     Returns:
         Tensor: ``out``.
     """
-    lib = library()
-    b, n, _, c = qk.shape
-    bf16 = int(qk.dtype == torch.bfloat16)
-    threads = _threads(n * 2 * c)
-    ksum = torch.empty(threads, c, dtype=torch.float64)
-    for i in range(b):
-        src, dst = qk[i].data_ptr(), out[i].data_ptr()
-        ksum.zero_()
-        lib.mlla_keys(src, bf16, dst, table.data_ptr(), ksum.data_ptr(), n, c, threads)
-        kmean = (ksum.sum(0) / n).float()
-        lib.mlla_queries(src, bf16, dst, table.data_ptr(), kmean.data_ptr(), n, c, heads, threads)
+    torch.ops.mlla.attention_features(qk, out, table, heads)
     return out
 
 
 def gate_(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``g *= y`` in ``g``'s dtype (float32 or bfloat16, rounded once), ``y`` float32."""
-    n, bf16 = g.numel(), int(g.dtype == torch.bfloat16)
-    library().mlla_gate(y.data_ptr(), g.data_ptr(), bf16, n, _threads(n))
+    """``g *= y`` in ``g``'s dtype (float32 or bfloat16, rounded once), ``y`` float32
+    (``torch.ops.mlla.gate_``)."""
+    torch.ops.mlla.gate_(y, g)
     return g
 
 
@@ -276,33 +338,29 @@ ACTS = {None: 0, 'silu': 1, 'gelu': 2}
 
 
 def bias_act_(y: torch.Tensor, bias: torch.Tensor | None, act: str | None) -> torch.Tensor:
-    """``y = act(y + bias)`` in place over the last dimension (a GEMM's epilogue).
+    """``y = act(y + bias)`` in place over the last dimension, a GEMM's epilogue
+    (``torch.ops.mlla.bias_act_``).
 
     Args:
         y: (..., C) float32 or bf16, contiguous.
         bias: (C,) float32, or None.
         act: None, ``'silu'`` or ``'gelu'`` (exact, with erf).
     """
-    c = y.shape[-1]
     if bias is None:
-        bias = y.new_zeros(c, dtype=torch.float32)
-    rows, bf16, threads = y.numel() // c, int(y.dtype == torch.bfloat16), _threads(y.numel())
-    library().mlla_bias_act(y.data_ptr(), bf16, bias.data_ptr(), rows, c, ACTS[act], threads)
+        bias = y.new_zeros(y.shape[-1], dtype=torch.float32)
+    torch.ops.mlla.bias_act_(y, bias, ACTS[act])
     return y
 
 
 def layer_norm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out: torch.Tensor
 ) -> torch.Tensor:
-    """``out = LayerNorm(x)`` over the last dimension, into ``out`` (float32 maths).
+    """``out = LayerNorm(x)`` over the last dimension, into ``out`` (float32 maths;
+    ``torch.ops.mlla.layer_norm``).
 
     Args:
         x, out: (..., C) float32 or bf16, contiguous.
         weight, bias: (C,) float32.
     """
-    c = x.shape[-1]
-    library().mlla_layer_norm(
-        x.data_ptr(), int(x.dtype == torch.bfloat16), weight.data_ptr(), bias.data_ptr(), eps,
-        out.data_ptr(), int(out.dtype == torch.bfloat16), x.numel() // c, c, _threads(x.numel()),
-    )  # fmt: skip
+    torch.ops.mlla.layer_norm(x, weight, bias, eps, out)
     return out

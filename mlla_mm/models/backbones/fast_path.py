@@ -1,87 +1,57 @@
-"""Execution strategies of the MLLA layers: how :mod:`mlla_mm.models.backbones.mlla` runs fast.
+"""The fused CPU inference path of the MLLA backbone: one unit per block, stem, patch merging and
+stage output, taken only where its conditions hold.
 
-:mod:`~mlla_mm.models.backbones.mlla` writes the equations (stem -> stages -> blocks ->
-attention); every step that has a faster way to run calls one of the functions below, which give
-the same result as the plain operation (the tests hold each one to the plain transcription,
-:mod:`mlla_mm.testing`). The strategy is chosen per call from the call's context, not by a mode
-switch: the same model object trains, runs inference, is exported to ONNX, runs under autocast or
-as a bf16 model, and its state dict never changes (no folded or repacked weights are stored).
+:mod:`~mlla_mm.models.backbones.mlla` writes the model plainly: each layer is a module that is
+called. Like PyTorch's ``nn.TransformerEncoderLayer`` fast path, each :class:`MLLABlock`, the
+:class:`Stem`, each :class:`PatchMerging` and each stage-output norm checks once, at the top of
+its ``forward``, whether the conditions below hold (:func:`why_not_fast_path` returns the first
+that fails, or None). If they do, the whole unit runs here; otherwise the plain module forward
+runs. Either way the result is the same (the tests hold both to the plain transcription of the
+official code, :mod:`mlla_mm.testing`), so hooks, LoRA wrappers, quantisation or pruning change
+the speed, never the result.
 
-The interface
--------------
-Primitives (the plain op under autograd, tracing, ``torch.compile``, on devices other than the
-CPU and where a kernel is missing; without autograd on the CPU a fused oneDNN kernel):
+Conditions (all must hold; see docs/performance.md):
 
-* :func:`linear` - ``act(x W^T + b)``, bias and activation in the GEMM's epilogue;
-* :func:`add_linear` - ``residual + x W^T + b``, accumulated into ``residual``;
-* :func:`conv` / :func:`add_conv` - the same for convolutions;
-* :func:`dwconv_nhwc` - a depthwise conv on channels-last tokens, ``x + conv(x)`` as one conv;
-* :func:`elu_plus_one` - ``ELU(x) + 1`` as ``exp(min(x, 0)) + max(x, 0)``, in place in chunks;
-* :func:`rope_rotate` - RoPE of q and k as one complex product with a cached table;
-* :func:`gate` - ``y * g`` in place into ``g`` (the float32 attention output cast first);
-* :func:`to_nchw` - tokens to a contiguous NCHW output as one 2-D transpose per image;
-* :func:`layer_norm` - LayerNorm, into a workspace for large results (see Memory);
-* :func:`to_float` / :func:`workspace` - float32 copies of half/bf16 q/k and v for the attention
-  core in reused buffers (no fresh pages per block).
+1. The unit's ``use_fast_path`` is True (``MLLA(fast_path=False)`` sets it False everywhere).
+2. No autograd: grad mode is off (``torch.no_grad()``, ``torch.inference_mode()``) or neither
+   the input nor any parameter of the unit requires grad.
+3. The unit is in eval mode (``model.eval()``).
+4. Not traced, compiled or exported (``torch.jit.trace``, ``torch.compile``, ``torch.export``,
+   ONNX export see the module forward).
+5. CPU tensors, no tensor subclass, no ``TorchDispatchMode`` or ``TorchFunctionMode`` active
+   (FLOP counters, FakeTensor, ...).
+6. oneDNN's fused kernels exist in this torch build, and the precision is float32 (a float32
+   model, no autocast) or bf16 (a bf16 model, or CPU bf16 autocast) on a CPU with bf16 kernels.
+7. Every submodule of the unit is exactly its standard type (``nn.Linear``, ``nn.Conv2d`` with
+   zero padding, ``nn.LayerNorm``, ``nn.BatchNorm2d``, ``nn.GELU`` exact, ...; no subclass, no
+   parametrization, no quantised or LoRA-wrapped layer) and has no forward or backward hooks or
+   pre-hooks (pruning adds one); no global module hooks are registered.
 
-Fused C kernels (:mod:`.cpu_kernels`, compiled on first use; ATen ops where no C compiler works):
-``ELU + 1``, RoPE and the normaliser of q and k in two passes over the tokens (bf16 or float32
-in, float32 out) inside :func:`attend_inplace`, and the gate product with one rounding inside
-:func:`gate`.
+What runs here, in the unit: oneDNN's fused GEMM/conv kernels with bias and activation in their
+epilogue (``torch.ops.mkldnn``), BatchNorm folded into the convs, the attention core in place on
+strided per-head views, ``x + MLP(LN(x))`` over chunks of tokens, the stem's and the patch
+merging's wide convs over bands of rows (their 4x / 8x wide hidden tensors never exist whole),
+and the custom operators of :mod:`.cpu_kernels` (``torch.ops.mlla.*``). Weights are cast to
+bf16 at each call (no cache that a ``.data`` write could make stale).
 
-Layer strategies (inference without autograd, on the layer's modules):
-
-* :func:`attend_inplace` - the attention core in place on strided per-head views;
-* :func:`add_mlp` / :func:`mlp` - ``x + MLP(LN(x))`` over chunks of tokens, in place (training:
-  a custom autograd function over chunks that keeps only GELU's input);
-* :func:`stem_conv3_bands`, :func:`patch_merging_bands` - the stride-2 convs over bands of rows,
-  so that their 4x / 8x-wide hidden tensors never exist whole.
-
-Precision
----------
-:func:`kernel_dtype` decides which fused kernel may run: float32; bfloat16 for a bf16 model
-(``model.to(torch.bfloat16)``) and under bf16 autocast (float32 weights are cast once and cached
-per parameter version, :func:`cast`), where oneDNN takes AMX or AVX512-BF16 instructions. The
-linear-attention core (``ELU + 1`` of q/k, normaliser, KV and query products, LePE) always runs
-in float32.
-
-Why per call, not a ``fuse()`` / ``switch_to_deploy()`` switch: a deploy switch would fold
-BatchNorm and repack weights into the model once, and then the model could no longer train,
-export or load a checkpoint unchanged; every entry point (mmdet, mmseg, mmpretrain runners, the
-inferencer, ONNX export) would have to know to call it. Choosing per call costs a few Python
-checks per layer and keeps one model object correct everywhere.
-
-Memory
-------
-Large fresh tensors are faulted in afresh at every call (glibc maps every allocation at or
-above its mmap threshold anew): the cause of the superlinear latency at high resolution
-(docs/performance.md). Inside a block, results of at least :data:`SCRATCH_MIN_BYTES` (the
-stage-0/1 maps above ~1280x800) go to per-thread :func:`workspace` buffers instead: the
-``scratch=`` argument of :func:`linear` (``torch.mm(out=)`` and a C bias/activation epilogue),
-:func:`layer_norm` (C kernel) and :func:`dwconv_nhwc` (oneDNN's conv accumulating into a zeroed
-buffer); a module's output is always a fresh tensor. Below that size oneDNN's fused epilogues
-on heap-reused tensors are faster. :func:`keep_freed_memory` (opt-in, process-wide) stops glibc
-from returning freed memory at all, for every tensor of the process.
-
-Capabilities
-------------
-The private ``torch.ops.mkldnn`` kernels are used only where :data:`CAPS` says they exist
-(``onednn``), bf16 kernels only where oneDNN reports bf16 support (``bf16``), and the C kernels
-only where they may (``cpu_kernels``, off with ``MLLA_MM_CPU_KERNELS=0``) and could be built;
-otherwise the plain ops run, with the same results. Tests switch the flags off to check that
-fallback.
+Memory: large fresh tensors are faulted in afresh at every call (glibc maps every allocation at
+or above its mmap threshold anew). Inside a block, results of at least :data:`SCRATCH_MIN_BYTES`
+(the stage-0/1 maps above ~1280x800) go to per-thread :func:`workspace` buffers instead; a
+unit's output is always a fresh tensor. :func:`release_workspace` frees them;
+:func:`keep_freed_memory` (opt-in, process-wide) stops glibc from returning freed memory.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
-import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as _module_globals
 
 from . import cpu_kernels
 
@@ -89,35 +59,20 @@ __all__ = [
     'CAPS',
     'CHUNK_ELEMENTS',
     'Capabilities',
-    'add_conv',
-    'add_linear',
-    'add_mlp',
-    'apply_rope',
-    'attend_inplace',
-    'c_kernels_for',
-    'cast',
-    'conv',
-    'dwconv_nhwc',
-    'elu_plus_one',
-    'gate',
-    'inference',
+    'block_forward',
     'keep_freed_memory',
-    'kernel_dtype',
-    'layer_norm',
-    'linear',
-    'patch_merging_bands',
+    'output_forward',
+    'patch_merging_forward',
     'release_workspace',
-    'rope_rotate',
-    'rope_tables',
-    'stem_conv3_bands',
-    'to_float',
-    'to_nchw',
+    'stem_forward',
+    'unit_dtype',
+    'why_not_fast_path',
     'workspace',
 ]
 
 
 # --------------------------------------------------------------------------------------------
-# Capabilities and context
+# Capabilities
 # --------------------------------------------------------------------------------------------
 @dataclass
 class Capabilities:
@@ -130,8 +85,8 @@ class Capabilities:
         amx: The CPU has AMX tiles for bf16 (``amx_bf16`` in ``/proc/cpuinfo``).
         isa: ``torch.backends.cpu.get_cpu_capability()`` (ATen's vector ISA).
         cpu_kernels: The fused attention-core kernels of :mod:`.cpu_kernels` may be used (not
-            turned off by ``MLLA_MM_CPU_KERNELS=0``); they are compiled on first use, and the
-            ATen path runs where that fails.
+            turned off by ``MLLA_MM_CPU_KERNELS=0``); they are compiled on first use, and ATen
+            ops run where that fails.
     """
 
     onednn: bool
@@ -161,10 +116,7 @@ class Capabilities:
         ready = self.cpu_kernels and cpu_kernels.library() is not None
         core = 'fused C kernels' if ready else 'ATen ops'
         if not self.onednn:
-            return (
-                f'plain ATen ops (no fused oneDNN kernels); attention core: {core}; '
-                f'ATen ISA {self.isa}'
-            )
+            return f'no fused oneDNN kernels: the module path runs; ATen ISA {self.isa}'
         kind = 'AMX' if self.amx else 'AVX512-BF16' if self.bf16 else 'none'
         return (
             f'oneDNN fused fp32 kernels; bf16 kernels: {kind}; attention core: {core}; '
@@ -175,79 +127,139 @@ class Capabilities:
 CAPS = Capabilities.detect()
 
 
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+# --------------------------------------------------------------------------------------------
+# The conditions, in one place
+# --------------------------------------------------------------------------------------------
+def _standard_types() -> dict:
+    """Exact module types the units know, with a check of their settings."""
+    from .mlla import (
+        ConvLayer,
+        DropPath,
+        LinearAttention,
+        MLLABlock,
+        Mlp,
+        PatchMerging,
+        Stem,
+    )
+
+    def conv_ok(m: nn.Conv2d) -> bool:
+        return m.padding_mode == 'zeros' and isinstance(m.padding, tuple)
+
+    def ln_ok(m: nn.LayerNorm) -> bool:
+        return m.weight is not None and m.bias is not None and len(m.normalized_shape) == 1
+
+    def bn_ok(m: nn.BatchNorm2d) -> bool:
+        return m.track_running_stats and m.running_var is not None
+
+    always = lambda m: True  # noqa: E731
+    return {
+        nn.Linear: always,
+        nn.Conv2d: conv_ok,
+        nn.LayerNorm: ln_ok,
+        nn.BatchNorm2d: bn_ok,
+        nn.ReLU: always,
+        nn.SiLU: always,
+        nn.GELU: lambda m: m.approximate == 'none',
+        nn.Identity: always,
+        nn.Sequential: always,
+        DropPath: always,
+        ConvLayer: always,
+        LinearAttention: always,
+        Mlp: always,
+        MLLABlock: always,
+        Stem: always,
+        PatchMerging: always,
+    }
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype on ``device_type``, or None when autocast is off there."""
-    try:
-        if not torch.is_autocast_enabled(device_type):
-            return None
-        return torch.get_autocast_dtype(device_type)
-    except (TypeError, AttributeError):  # torch < 2.4
-        if device_type == 'cpu':
-            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+_STANDARD: dict = {}
 
 
-def inference(x: torch.Tensor) -> bool:
-    """Whether the inference strategies (in place, chunked) may run: no autograd, no tracing."""
-    return not torch.is_grad_enabled() and not _tracing()
+def _global_hooks() -> bool:
+    g = _module_globals
+    names = (
+        '_global_forward_hooks',
+        '_global_forward_pre_hooks',
+        '_global_backward_hooks',
+        '_global_backward_pre_hooks',
+    )
+    return any(getattr(g, n, None) for n in names)
 
 
-def kernel_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
-    """The dtype a fused oneDNN kernel runs ``x`` with ``weight`` in, or None for the plain op.
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    )
 
-    Fused kernels run on the CPU without autograd or tracing: in float32 when both are float32,
-    in bf16 when both are bf16 or under bf16 autocast (float32 operands are cast), where the CPU
-    has bf16 kernels.
-    """
-    if not (CAPS.onednn and inference(x) and x.device.type == 'cpu'):
-        return None
-    autocast = _autocast_dtype('cpu')
-    if autocast is not None:
-        floats = (torch.float32, torch.bfloat16)
-        ok = autocast == torch.bfloat16 and CAPS.bf16
-        return torch.bfloat16 if ok and x.dtype in floats and weight.dtype in floats else None
-    if x.dtype != weight.dtype:
+
+def unit_dtype(module: nn.Module, x: torch.Tensor) -> torch.dtype | None:
+    """The dtype the fused kernels of ``module`` run in on ``x``: float32 for a float32 model
+    and input without autocast; bf16 for a bf16 model or under CPU bf16 autocast (float32
+    operands are cast), where the CPU has bf16 kernels; else None."""
+    param = next(module.parameters(), None)
+    weights = x.dtype if param is None else param.dtype
+    floats = (torch.float32, torch.bfloat16)
+    if torch.is_autocast_enabled('cpu'):
+        auto = torch.get_autocast_dtype('cpu')
+        ok = auto == torch.bfloat16 and CAPS.bf16 and x.dtype in floats and weights in floats
+        return torch.bfloat16 if ok else None
+    if x.dtype != weights:
         return None
     if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and CAPS.bf16):
         return x.dtype
     return None
 
 
-_CAST_CACHE: dict = {}  # id(parameter) -> (key, cast); an entry dies with its parameter
-_CAST_LOCK = threading.Lock()
+def why_not_fast_path(module: nn.Module, x: torch.Tensor) -> str | None:
+    """Why ``module`` cannot take its fused inference path on ``x`` now, or None if it can.
+
+    The conditions are listed in this module's docstring; the first that fails is named.
+    """
+    if not getattr(module, 'use_fast_path', True):
+        return 'the fast path is switched off (fast_path=False)'
+    params = list(module.parameters())
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return 'autograd is recording (grad mode on and a tensor requires grad)'
+    if module.training:
+        return 'the module is in training mode'
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return 'the forward is traced, compiled or exported'
+    if x.device.type != 'cpu':
+        return f'the input is on {x.device.type}, not the CPU'
+    if type(x) is not torch.Tensor or any(type(p) is not nn.Parameter for p in params):
+        return 'a tensor subclass is involved'
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return 'a TorchDispatchMode or TorchFunctionMode is active'
+    if not CAPS.onednn:
+        return 'this torch build has no fused oneDNN kernels'
+    if any(p.device.type != 'cpu' for p in params):
+        return 'a parameter is not on the CPU'
+    if unit_dtype(module, x) is None:
+        return (
+            f'unsupported precision (input {x.dtype}, autocast '
+            f'{torch.is_autocast_enabled("cpu")}): float32, or bf16 on a CPU with bf16 kernels'
+        )
+    if _global_hooks():
+        return 'global module hooks are registered'
+    if not _STANDARD:
+        _STANDARD.update(_standard_types())
+    for name, m in module.named_modules():
+        check = _STANDARD.get(type(m))
+        if check is None or not check(m):
+            return f'{name or type(module).__name__} is a {type(m).__name__}, not a standard layer'
+        if _has_hooks(m):
+            return f'{name or type(module).__name__} has hooks'
+    return None
 
 
-def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """``t`` in ``dtype``. A parameter's cast is cached until the parameter changes (its version
-    counter or storage), so bf16 autocast casts each float32 weight once, not at every call;
-    the cache holds one bf16 copy of the weights per model and dies with the model (it is not
-    an attribute: nothing of it reaches a state dict or a pickle)."""
-    if t is None or t.dtype == dtype:
-        return t
-    if (
-        not isinstance(t, nn.Parameter)
-        or (t.requires_grad and torch.is_grad_enabled())  # differentiable
-        or t.is_inference()  # made under inference_mode: no version counter to key on
-    ):
-        return t.to(dtype)
-    key = (t._version, t.data_ptr(), dtype)
-    hit = _CAST_CACHE.get(id(t))
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    with torch.inference_mode(False), torch.no_grad():
-        value = t.detach().to(dtype)
-    with _CAST_LOCK:
-        if id(t) not in _CAST_CACHE:
-            weakref.finalize(t, _CAST_CACHE.pop, id(t), None)
-        _CAST_CACHE[id(t)] = (key, value)
-    return value
-
-
+# --------------------------------------------------------------------------------------------
+# Reused buffers
+# --------------------------------------------------------------------------------------------
 _WORKSPACE = threading.local()
+
+# glibc serves every allocation at or above its mmap threshold (dynamic, at most 32 MiB on
+# 64-bit) with freshly mapped pages; smaller ones come from its heap and are reused
+SCRATCH_MIN_BYTES = 16 * 2**20
 
 
 def workspace(
@@ -256,12 +268,10 @@ def workspace(
     """A reusable buffer of ``like``'s shape (or ``shape``) in ``dtype`` (inference scratch).
 
     Fresh large tensors are page-faulted in at every call (glibc maps every allocation at or
-    above its mmap threshold afresh and unmaps it on free; a 16 MB float32 stage-0 map at
-    1280x800 costs ~3.5 ms of faults on one core here), which cost as much as the work on them.
-    One buffer per name and thread is kept instead, grown when a larger one is needed and reused
-    by the next block and the next call; :func:`release_workspace` frees them. Callers must be
-    done with a buffer before they ask for the same name again, and a buffer never leaves the
-    layer that asked for it (a module's output is always a fresh tensor).
+    above its mmap threshold afresh and unmaps it on free), which costs as much as the work on
+    them. One buffer per name and thread is kept instead, grown when a larger one is needed and
+    reused by the next block and the next call; :func:`release_workspace` frees them. A buffer
+    never leaves the unit that asked for it.
     """
     shape = tuple(like.shape if shape is None else shape)
     numel = math.prod(shape)
@@ -279,11 +289,9 @@ def release_workspace() -> None:
     _WORKSPACE.__dict__.clear()
 
 
-def to_float(x: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
-    """``x.to(dtype)``; at inference a conversion lands in the :func:`workspace` ``name``."""
-    if x.dtype == dtype or not inference(x):
-        return x.to(dtype)
-    return workspace(name, x, dtype).copy_(x)
+def _scratch(x: torch.Tensor, dtype: torch.dtype, numel: int) -> bool:
+    """Whether a result of ``numel`` elements goes to a workspace (large, C kernels built)."""
+    return numel * dtype.itemsize >= SCRATCH_MIN_BYTES and _c_kernels(x)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
@@ -295,12 +303,10 @@ def keep_freed_memory(enable: bool = True) -> bool:
     By default glibc serves every allocation above its mmap threshold (at most 32 MiB) with
     fresh pages from the kernel and unmaps them on free, and trims the heap when its free top
     exceeds the trim threshold: a high-resolution forward then faults in every large tensor
-    afresh (MLLA-T at 2048x2048: ~0.94M page faults, 3.8 GB, per forward in float32). With
-    ``enable`` no allocation is mmapped and the heap is never trimmed, so freed tensors are
-    reused without page faults; the process keeps its peak heap. The same as starting Python
-    with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>`` in the environment; jemalloc or
-    tcmalloc (``LD_PRELOAD``) do the same for any program. ``enable=False`` restores glibc's
-    defaults (mmap on, 128 KiB trim threshold).
+    afresh. With ``enable`` no allocation is mmapped and the heap is never trimmed, so freed
+    tensors are reused without page faults; the process keeps its peak heap. The same as
+    starting Python with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>``.
+    ``enable=False`` restores glibc's defaults (mmap on, 128 KiB trim threshold).
 
     Returns:
         bool: Whether the setting was applied (False where the C library is not glibc).
@@ -313,103 +319,63 @@ def keep_freed_memory(enable: bool = True) -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    # mallopt takes an int: the largest trim threshold keeps up to 2 GiB of free heap top
     trim = 2**31 - 1 if enable else 128 * 1024
     mmap_ok = mallopt(_M_MMAP_MAX, 0 if enable else 65536) == 1
     return mmap_ok and mallopt(_M_TRIM_THRESHOLD, trim) == 1
 
 
 # --------------------------------------------------------------------------------------------
-# Primitives
+# Fused primitives (inside a unit: no autograd, CPU, oneDNN, float32 or bf16)
 # --------------------------------------------------------------------------------------------
 _ONEDNN_ACTS = {None: 'none', 'relu': 'relu', 'gelu': 'gelu', 'silu': 'swish'}
+_pair = nn.modules.utils._pair
 
 
-def _act(y: torch.Tensor, act: str | None) -> torch.Tensor:
-    inplace = not torch.is_grad_enabled()
-    if act == 'relu':  # in place with autograd too: ReLU's backward reads its output only
-        return F.relu(y, inplace=True)
-    if act == 'silu':
-        return F.silu(y, inplace=inplace)
-    if act == 'gelu':
-        return torch.ops.aten.gelu_(y) if inplace else F.gelu(y)
-    return y
-
-
-# glibc serves every allocation at or above its mmap threshold (dynamic, at most 32 MiB on
-# 64-bit) with freshly mapped pages; smaller ones come from its heap and are reused
-SCRATCH_MIN_BYTES = 16 * 2**20
-
-
-def c_kernels_for(*tensors: torch.Tensor) -> bool:
-    """Whether the C kernels of :mod:`.cpu_kernels` may run on these tensors: allowed by
-    :data:`CAPS`, built, and the tensors plain contiguous float32/bf16 CPU tensors."""
+def _c_kernels(*tensors: torch.Tensor) -> bool:
     return CAPS.cpu_kernels and cpu_kernels.usable(*tensors)
 
 
-def scratch_dtype(x: torch.Tensor, dtype: torch.dtype | None, numel: int) -> torch.dtype | None:
-    """The dtype in which a layer may write a result of ``numel`` elements into a
-    :func:`workspace` buffer with the C kernels (:mod:`.cpu_kernels`), or None; ``dtype`` is
-    the layer's :func:`kernel_dtype` (None: no fused kernel).
-
-    Only results of at least :data:`SCRATCH_MIN_BYTES` go to a workspace: those the allocator
-    would map afresh (page faults at every call; the high-resolution maps of stages 0 and 1),
-    while below it oneDNN's fused epilogues on a heap-reused tensor are faster. float32 or bf16,
-    where :func:`kernel_dtype` allows a fused kernel and the C kernels are built.
-    """
-    if dtype is None or numel * dtype.itemsize < SCRATCH_MIN_BYTES:
-        return None
-    return dtype if c_kernels_for(x) else None
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` in ``dtype``; made at every call, never cached (a cached cast can go stale)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    layer: nn.Linear,
+    dtype: torch.dtype,
     act: str | None = None,
     scratch: str | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``act(x W^T + b)`` for ``act`` in None/relu/gelu (exact)/silu; x is (..., C_in).
-
-    A fused kernel (:func:`kernel_dtype`) computes it in one GEMM with the bias and the
-    activation in its epilogue; otherwise ``F.linear`` and the activation (in place without
-    autograd). With ``scratch`` (a layer-internal result) the GEMM writes into the
-    :func:`workspace` of that name and a C kernel adds the bias and the activation in place.
-    """
-    dtype = kernel_dtype(x, weight)
-    shape = None if scratch is None or act == 'relu' else (*x.shape[:-1], weight.shape[0])
-    if shape is not None and scratch_dtype(x, dtype, math.prod(shape)) is not None:
+    """``act(layer(x))`` (or of the given ``weight``/``bias``) as one oneDNN GEMM with the bias
+    and activation in its epilogue; with ``scratch`` a large result is written into the
+    :func:`workspace` of that name, the C kernel adding bias and activation in place."""
+    weight = layer.weight if weight is None else weight
+    bias = layer.bias if layer is not None and weight is layer.weight else bias
+    shape = (*x.shape[:-1], weight.shape[0])
+    if scratch is not None and act != 'relu' and _scratch(x, dtype, math.prod(shape)):
         out = workspace(scratch, x, dtype, shape)
         with torch.autocast('cpu', enabled=False):
-            tokens = cast(x, dtype).view(-1, x.shape[-1])
-            torch.mm(tokens, cast(weight, dtype).t(), out=out.view(-1, shape[-1]))
-        return cpu_kernels.bias_act_(out, cast(bias, torch.float32), act)
-    if dtype is not None:
-        algorithm = 'none' if act == 'gelu' else ''
-        return torch.ops.mkldnn._linear_pointwise(
-            cast(x, dtype), cast(weight, dtype), cast(bias, dtype), _ONEDNN_ACTS[act], [], algorithm
-        )
-    return _act(F.linear(x, weight, bias), act)
+            tokens = _cast(x, dtype).reshape(-1, x.shape[-1])
+            torch.mm(tokens, _cast(weight, dtype).t(), out=out.view(-1, shape[-1]))
+        return cpu_kernels.bias_act_(out, _cast(bias, torch.float32), act)
+    algorithm = 'none' if act == 'gelu' else ''
+    return torch.ops.mkldnn._linear_pointwise(
+        _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), _ONEDNN_ACTS[act], [], algorithm
+    )
 
 
-def add_linear(
-    residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """``residual + x W^T + b``; without autograd the product accumulates into ``residual``."""
-    if (
-        torch.is_grad_enabled()
-        or _tracing()  # an in-place add into a view is recorded wrongly by the JIT tracer
-        or not residual.is_contiguous()
-    ):
-        return residual + F.linear(x, weight, bias)
+def add_linear(residual: torch.Tensor, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``residual + layer(x)``, the product accumulated into ``residual`` (contiguous)."""
     dtype = residual.dtype
-    if kernel_dtype(x, weight) is None and not (x.dtype == weight.dtype == dtype):
-        return residual + F.linear(x, weight, bias)  # mixed dtypes (autocast without kernels)
+    residual = residual.contiguous()
     with torch.autocast('cpu', enabled=False):
         out = residual.view(-1, residual.shape[-1])
-        out.addmm_(cast(x, dtype).reshape(-1, x.shape[-1]), cast(weight, dtype).t())
-        if bias is not None:
-            out.add_(cast(bias, dtype))
+        out.addmm_(_cast(x, dtype).reshape(-1, x.shape[-1]), _cast(layer.weight, dtype).t())
+        if layer.bias is not None:
+            out.add_(_cast(layer.bias, dtype))
     return residual
 
 
@@ -417,21 +383,18 @@ def conv(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    stride,
-    padding,
-    dilation=1,
-    groups: int = 1,
+    c: nn.Conv2d,
+    dtype: torch.dtype,
     act: str | None = None,
+    padding=None,
 ) -> torch.Tensor:
-    """``act(conv2d(x))`` (act None, relu or silu); fused as :func:`linear`."""
-    dtype = kernel_dtype(x, weight)
-    if dtype is not None:
-        pair = nn.modules.utils._pair
-        return torch.ops.mkldnn._convolution_pointwise(
-            cast(x, dtype), cast(weight, dtype), cast(bias, dtype), pair(padding), pair(stride),
-            pair(dilation), groups, _ONEDNN_ACTS[act], [], '',
-        )  # fmt: skip
-    return _act(F.conv2d(x, weight, bias, stride, padding, dilation, groups), act)
+    """``act(conv2d(x))`` with the settings of ``c`` (act None, relu or silu), one oneDNN
+    kernel."""
+    return torch.ops.mkldnn._convolution_pointwise(
+        _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype),
+        _pair(c.padding if padding is None else padding), _pair(c.stride), _pair(c.dilation),
+        c.groups, _ONEDNN_ACTS[act], [], '',
+    )  # fmt: skip
 
 
 def add_conv(
@@ -439,21 +402,14 @@ def add_conv(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    stride,
-    padding,
-    dilation=1,
-    groups: int = 1,
+    c: nn.Conv2d,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """``residual + conv2d(x)``; fused, the conv accumulates into ``residual``."""
-    dtype = kernel_dtype(x, weight)
-    if dtype is not None and residual.dtype == dtype:
-        pair = nn.modules.utils._pair
-        return torch.ops.mkldnn._convolution_pointwise_.binary(
-            residual, cast(x, dtype), cast(weight, dtype), cast(bias, dtype), pair(padding),
-            pair(stride), pair(dilation), groups, 'add', 1.0, None, [], None,
-        )  # fmt: skip
-    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    return y.add_(residual) if not torch.is_grad_enabled() else y + residual
+    """``residual + conv2d(x)``, the conv accumulating into ``residual`` (of dtype ``dtype``)."""
+    return torch.ops.mkldnn._convolution_pointwise_.binary(
+        residual, _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), _pair(c.padding),
+        _pair(c.stride), _pair(c.dilation), c.groups, 'add', 1.0, None, [], None,
+    )  # fmt: skip
 
 
 def _identity_taps(layer: nn.Conv2d) -> torch.Tensor:
@@ -467,85 +423,51 @@ def _identity_taps(layer: nn.Conv2d) -> torch.Tensor:
 def dwconv_nhwc(
     x: torch.Tensor,
     layer: nn.Conv2d,
+    dtype: torch.dtype,
     residual: bool = False,
     act: str | None = None,
     scratch: str | None = None,
 ) -> torch.Tensor:
-    """Apply a (depthwise) conv to channels-last tokens (B, H, W, C) without copies.
+    """A stride-1 same-padding depthwise ``layer`` on channels-last tokens (B, H, W, C).
 
-    The conv sees the NCHW view of the NHWC tensor (channels-last memory format), so oneDNN
-    runs its channels-last kernel and the result, permuted back, is a contiguous (B, H, W, C).
-
-    Args:
-        x: Tokens (B, H, W, C).
-        layer: The conv; a stride-1, same-padding depthwise conv when ``residual`` is set.
-        residual: Return ``x + conv(x)`` computed as one conv whose centre tap is increased by
-            one (exact in real arithmetic; the gradient w.r.t. ``conv.weight`` is unchanged),
-            which saves the separate addition pass.
-        act: None or ``'silu'``, applied to the result (in the fused kernel's epilogue).
-        scratch: For a layer-internal result: the conv accumulates into the
-            :func:`workspace` of that name, zeroed or holding ``x`` (``residual``), with
-            oneDNN's in-place conv; the activation runs in place.
+    The conv sees the NCHW view of the tokens (channels-last memory), so oneDNN runs its
+    channels-last kernel and the result, permuted back, is contiguous tokens. ``residual``:
+    ``x + conv(x)`` as one conv whose centre tap is increased by one (exact in real arithmetic).
+    ``act``: None or ``'silu'``. ``scratch``: a large result accumulates into the
+    :func:`workspace` of that name (zeroed, or holding ``x`` for ``residual``).
     """
     weight, bias = layer.weight, layer.bias
-    args = (layer.stride, layer.padding, layer.dilation, layer.groups)
-    dtype = None
-    if scratch is not None:
-        pair = nn.modules.utils._pair
-        same_shape = pair(layer.stride) == (1, 1) and pair(layer.dilation) == (1, 1)
-        same_shape &= pair(layer.padding) == tuple(k // 2 for k in pair(layer.kernel_size))
-        dtype = scratch_dtype(x, kernel_dtype(x, weight), x.numel()) if same_shape else None
-    if dtype is not None:
+    if scratch is not None and _scratch(x, dtype, x.numel()):
         out = workspace(scratch, x, dtype)
         out.copy_(x) if residual else out.zero_()
-        add_conv(out.permute(0, 3, 1, 2), cast(x, dtype).permute(0, 3, 1, 2), weight, bias, *args)
-        return _act(out, act)  # oneDNN fuses only ReLU after the addition
-    if weight.dtype != x.dtype and _autocast_dtype(x.device.type) is None:
-        # the LePE of a half/bf16 model runs in float32, as under autocast
-        weight, bias = cast(weight, x.dtype), cast(bias, x.dtype)
+        add_conv(out.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight, bias, layer, dtype)
+        return F.silu(out, inplace=True) if act == 'silu' else out
     if residual:
         weight = weight + _identity_taps(layer)
-    return conv(x.permute(0, 3, 1, 2), weight, bias, *args, act=act).permute(0, 2, 3, 1)
+    return conv(x.permute(0, 3, 1, 2), weight, bias, layer, dtype, act).permute(0, 2, 3, 1)
 
 
 def layer_norm(x: torch.Tensor, norm: nn.LayerNorm, scratch: str | None = None) -> torch.Tensor:
-    """``norm(x)``; with ``scratch`` (a layer-internal result) and the C kernels, computed
-    into the :func:`workspace` of that name, in ``x``'s dtype (as ATen's LayerNorm of a bf16
-    input under autocast)."""
-    fits = x.dtype in (torch.float32, torch.bfloat16) and len(norm.normalized_shape) == 1
-    fits = fits and scratch is not None and norm.weight is not None and norm.bias is not None
-    if not fits or scratch_dtype(x, kernel_dtype(x, norm.weight), x.numel()) is None:
-        return norm(x)
+    """``norm(x)``; a large result with ``scratch`` goes into the :func:`workspace` of that
+    name (C kernel), in ``x``'s dtype (as ATen's LayerNorm of a bf16 input under autocast)."""
+    if scratch is None or not _scratch(x, x.dtype, x.numel()):
+        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
     out = workspace(scratch, x, x.dtype)
     f32 = torch.float32
-    return cpu_kernels.layer_norm(x, cast(norm.weight, f32), cast(norm.bias, f32), norm.eps, out)
+    return cpu_kernels.layer_norm(x, _cast(norm.weight, f32), _cast(norm.bias, f32), norm.eps, out)
 
 
-def gate(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``y * g`` in ``g``'s dtype; without autograd in place into ``g``.
-
-    ``y`` (the attention core's float32 output for half/bf16 input) is cast first: ATen's
-    mixed-dtype product is not vectorised (a 64000 x 64 bf16 * float32 product: 17 ms, against
-    3 ms for the cast and the bf16 product on one thread here).
-    """
-    fusable = inference(y) and y.shape == g.shape and y.dtype == torch.float32
-    if fusable and c_kernels_for(y, g):
-        return cpu_kernels.gate_(y, g)  # one pass, one rounding
-    y = y.to(g.dtype)
-    if inference(y) and g.is_contiguous() and y.shape == g.shape:
-        return g.mul_(y)
-    return y * g
+def to_float(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``x`` in float32; a conversion lands in the :func:`workspace` ``name``."""
+    if x.dtype == torch.float32:
+        return x
+    return workspace(name, x, torch.float32).copy_(x)
 
 
 def to_nchw(x: torch.Tensor) -> torch.Tensor:
-    """Channels-last tokens (B, H, W, C) -> a contiguous (B, C, H, W) tensor.
-
-    At inference each image is copied as one 2-D transpose ``(H W, C) -> (C, H W)``, a path
-    that ATen runs about five times faster than the general 4-D permuted copy here (a 64-channel
-    1280x800 stage-0 map: 26 ms -> 5 ms in float32 on one thread).
-    """
-    if not inference(x):
-        return x.permute(0, 3, 1, 2).contiguous()
+    """Channels-last tokens (B, H, W, C) -> a contiguous (B, C, H, W) tensor, each image copied
+    as one 2-D transpose ``(H W, C) -> (C, H W)`` (about five times faster here than ATen's
+    general 4-D permuted copy)."""
     b, h, w, c = x.shape
     out = x.new_empty(b, c, h, w)
     for i in range(b):
@@ -553,42 +475,13 @@ def to_nchw(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class _EluPlusOne(torch.autograd.Function):
-    """``ELU(x) + 1`` computed as ``exp(min(x, 0)) + max(x, 0)``, keeping only the output.
-
-    The derivative is ``min(y, 1)`` of the output ``y`` (``exp(x) = y`` below zero, 1 above).
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.clamp_max(x, 0.0).exp_().add_(torch.clamp_min(x, 0.0))
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return grad * torch.clamp_max(y, 1.0)
-
-
 ELU_CHUNK = 2**18  # elements: a 1 MB float32 chunk and its temporary stay in the L2 cache
 
 
-def elu_plus_one(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``ELU(x) + 1`` in ``dtype`` (default ``x.dtype``), the positive feature map of q and k.
-
-    ATen's ELU evaluates ``expm1`` element by element (about ten times slower than its vectorised
-    ``exp`` on a CPU), so it is computed as ``exp(min(x, 0)) + max(x, 0)``: the same value above
-    zero, and within an ulp of 1 below it. Without autograd it runs over cache-sized chunks, in
-    place when ``x`` (contiguous) already has ``dtype``, else converting chunk by chunk into the
-    :func:`workspace` ``'elu_plus_one'``; tracing and export keep the ELU operator.
-    """
-    dtype = x.dtype if dtype is None else dtype
-    if _tracing():
-        return F.elu(x.to(dtype)) + 1.0
-    if torch.is_grad_enabled() or not x.is_contiguous():
-        return _EluPlusOne.apply(x.to(dtype))
-    out = x if x.dtype == dtype else workspace('elu_plus_one', x, dtype)
+def elu_plus_one_(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = ELU(x) + 1`` as ``exp(min(x, 0)) + max(x, 0)`` (ATen's ELU evaluates ``expm1``
+    element by element, about ten times slower than its vectorised ``exp``), over cache-sized
+    chunks; ``out`` may be ``x``."""
     src, dst = x.view(-1), out.view(-1)
     for start in range(0, dst.numel(), ELU_CHUNK):
         chunk = dst[start : start + ELU_CHUNK]
@@ -599,136 +492,57 @@ def elu_plus_one(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Ten
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# RoPE tables and rotation
-# --------------------------------------------------------------------------------------------
-def _rope_angles(h: int, w: int, dim: int, base: float, device, dtype) -> tuple:
-    k_max = dim // 4
-    theta = 1.0 / (base ** (torch.arange(k_max, device=device, dtype=torch.float32) / k_max))
-    rows = torch.arange(h, device=device, dtype=torch.float32)[:, None, None] * theta
-    cols = torch.arange(w, device=device, dtype=torch.float32)[None, :, None] * theta
-    angles = torch.cat([rows.expand(h, w, k_max), cols.expand(h, w, k_max)], dim=-1)
-    return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
+def rope_(qk: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """RoPE of q and k (B, h * w, 2, C) float32, in place, as one complex product."""
+    from .mlla import rope_tables
+
+    c = qk.shape[-1]
+    cos, sin = rope_tables(h, w, c, qk.device, qk.dtype)
+    table = torch.complex(cos, sin).reshape(h * w, 1, c // 2)
+    pairs = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))
+    pairs.mul_(table)
+    return qk
 
 
-_ROPE_CACHE: dict = {}
-_ROPE_PAIR_CACHE: dict = {}
-_ROPE_COMPLEX_CACHE: dict = {}
-_CACHE_LOCK = threading.Lock()
-_CACHE_SIZE = 256
+_TABLES: dict = {}
 
 
-def _cached(cache: dict, key: tuple, make) -> tuple | torch.Tensor:
-    """``cache[key]``, made by ``make()`` on a miss.
+def _rope_table(h: int, w: int, c: int, device) -> torch.Tensor:
+    """(N, C / 2, 2) float32 (cos, sin) table for :func:`cpu_kernels.attention_features`,
+    cached per grid (it depends on nothing else)."""
+    from .mlla import rope_tables
 
-    Tables are made outside inference mode and without autograd, so that a table first made
-    under ``torch.inference_mode()`` is an ordinary tensor that a later autograd forward may save
-    for backward. Writes are locked (several threads may run models at once); a full cache is
-    emptied rather than grown.
-    """
-    table = cache.get(key)
+    key = (h, w, c, torch.device(device))
+    table = _TABLES.get(key)
     if table is None:
+        cos, sin = rope_tables(h, w, c, device, torch.float32)
         with torch.inference_mode(False), torch.no_grad():
-            table = make()
-        with _CACHE_LOCK:
-            if len(cache) >= _CACHE_SIZE:
-                cache.clear()
-            cache[key] = table
+            table = torch.stack([cos, sin], dim=-1).reshape(h * w, c // 2, 2)
+        if len(_TABLES) >= 64:
+            _TABLES.clear()
+        _TABLES[key] = table
     return table
 
 
-def rope_tables(h: int, w: int, dim: int, device, dtype, base: float = 10000.0) -> tuple:
-    """Cosine and sine tables of the 2-D RoPE over an ``h x w`` token grid.
-
-    Channel pair ``p`` (channels ``2p, 2p+1``) is rotated by ``row * theta_p`` for the first
-    ``dim // 4`` pairs and by ``col * theta_{p - dim // 4}`` for the rest, with
-    ``theta_k = base ** (-k / (dim // 4))``, as in the official code.
-
-    Returns:
-        tuple[Tensor, Tensor]: ``cos`` and ``sin``, each of shape (h, w, dim // 2).
-    """
-    if _tracing():
-        return _rope_angles(h, w, dim, base, device, dtype)  # traced into the graph, not cached
-    key = (h, w, dim, base, torch.device(device), dtype)
-    return _cached(_ROPE_CACHE, key, lambda: _rope_angles(h, w, dim, base, device, dtype))
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs of ``x`` (..., H, W, C) by the angles whose cos/sin are given."""
-    x = x.unflatten(-1, (-1, 2))
-    x_re, x_im = x[..., 0], x[..., 1]
-    return torch.stack([x_re * cos - x_im * sin, x_im * cos + x_re * sin], dim=-1).flatten(-2)
-
-
-def rope_pair_tables(h: int, w: int, dim: int, device, dtype) -> tuple:
-    """RoPE tables laid out per channel: ``rope(x) = x * cos2 + swap_pairs(x) * sin2``.
-
-    ``cos2[..., 2p] = cos2[..., 2p + 1] = cos_p`` and ``sin2[..., 2p] = -sin_p``,
-    ``sin2[..., 2p + 1] = sin_p``: the rotation of :func:`apply_rope` in three full-width
-    element-wise passes (the real formulation that tracing and half precision take).
-
-    Returns:
-        tuple[Tensor, Tensor]: ``cos2`` and ``sin2``, each of shape (h, w, dim).
-    """
-
-    def make() -> tuple:
-        cos, sin = rope_tables(h, w, dim, device, dtype)
-        return (
-            torch.stack([cos, cos], dim=-1).flatten(-2),
-            torch.stack([-sin, sin], dim=-1).flatten(-2),
-        )
-
-    if _tracing():
-        return make()  # traced into the graph, not cached
-    return _cached(_ROPE_PAIR_CACHE, (h, w, dim, torch.device(device), dtype), make)
-
-
-def swap_pairs(x: torch.Tensor) -> torch.Tensor:
-    """``(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...)`` along the last dimension (a copy)."""
-    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-
-
-def rope_complex_table(h: int, w: int, dim: int, device, dtype) -> torch.Tensor:
-    """``exp(i * angle)`` of every RoPE channel pair over an ``h x w`` grid, as a complex tensor.
-
-    Multiplying the complex view of ``x`` (pairs ``(x_2p, x_2p+1)`` as ``x_2p + i x_2p+1``) by it
-    is :func:`apply_rope` in one element-wise pass that can run in place. Cached like
-    :func:`rope_tables`; ``dtype`` is the real dtype (float32 or float64).
-
-    Returns:
-        Tensor: Complex, of shape (h * w, 1, dim // 2) (broadcasting over the q/k axis).
-    """
-
-    def make() -> torch.Tensor:
-        cos, sin = rope_tables(h, w, dim, device, dtype)
-        return torch.complex(cos, sin).reshape(h * w, 1, dim // 2)
-
-    return _cached(_ROPE_COMPLEX_CACHE, (h, w, dim, torch.device(device), dtype), make)
-
-
-def rope_rotate(qk: torch.Tensor, h: int, w: int, inplace: bool = False) -> torch.Tensor:
-    """RoPE of q and k together: ``qk`` is (B, h * w, 2, C), the result has the same shape.
-
-    float32/float64 tensors in eager mode take the complex product with
-    :func:`rope_complex_table` (one pass, in place when ``inplace``); half precision, tracing and
-    ``torch.compile`` take the real formulation with :func:`rope_pair_tables`.
-    """
-    c = qk.shape[-1]
-    if qk.dtype in (torch.float32, torch.float64) and not _tracing():
-        table = rope_complex_table(h, w, c, qk.device, qk.dtype)
-        pairs = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))
-        return torch.view_as_real(pairs.mul_(table) if inplace else pairs * table).flatten(-2)
-    cos2, sin2 = rope_pair_tables(h, w, c, qk.device, qk.dtype)
-    cos2, sin2 = cos2.reshape(h * w, 1, c), sin2.reshape(h * w, 1, c)
-    return (qk * cos2).addcmul_(swap_pairs(qk), sin2)
-
-
 # --------------------------------------------------------------------------------------------
-# Layer strategies
+# The units
 # --------------------------------------------------------------------------------------------
-# The MLP (inference and training), the patch merging and the stem's stride-2 conv (inference)
-# run over chunks of tokens / bands of rows, so that their 4x / 8x-wide hidden tensors hold at
-# most this many elements (16 MB in float32) at a time.
+def _unit(name: str):
+    """Run a unit under a profiler scope ``mlla.fast_path.<name>``."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args):
+            with torch.profiler.record_function(f'mlla.fast_path.{name}'):
+                return fn(*args)
+
+        return run
+
+    return wrap
+
+
+# The MLP, the patch merging and the stem's stride-2 conv run over chunks of tokens / bands of
+# rows, so that their 4x / 8x-wide hidden tensors hold at most this many elements at a time.
 CHUNK_ELEMENTS = 2**22
 
 
@@ -737,28 +551,35 @@ def rows_per_chunk(elements_per_row: int) -> int:
     return max(1, CHUNK_ELEMENTS // elements_per_row)
 
 
-def attend_inplace(
-    qk: torch.Tensor,
-    v: torch.Tensor,
-    lepe: torch.Tensor,
-    h: int,
-    w: int,
-    heads: int,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """The attention core without autograd (``LinearAttention._attend`` computed in place).
+def attention(attn: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``LinearAttention`` of tokens (B, H, W, C) in place, float32 out.
 
-    ``ELU + 1``, rotation and the normaliser of q and k run as the fused kernels of
-    :func:`cpu_kernels.attention_features` where they can (CPU, float32 or bf16 q/k, float32
-    values), else as :func:`elu_plus_one` and in-place ATen ops. The two products run per
-    image on strided per-head views, each one batched GEMM over the heads without a transpose
-    copy; the output product accumulates into ``lepe``.
+    ``ELU + 1``, rotation and the normaliser of q and k run as the custom operator
+    ``mlla::attention_features`` where the C kernels are built, else as in-place ATen ops; the
+    two products run per image on strided per-head views, each one batched GEMM over the heads
+    without a transpose copy; the output product accumulates into the float32 LePE.
+    """
+    b, h, w, c = x.shape
+    n, heads = h * w, attn.num_heads
+    qk = linear(x, attn.qk, dtype, scratch='qk').view(b, n, 2, c)
+    v = to_float(x, 'v')  # LePE and the products in float32: v converted once
+    lepe = dwconv_nhwc(v, attn.lepe, torch.float32, scratch='attn').reshape(b, n, c)
+    v = v.view(b, n, c)
+    with torch.autocast('cpu', enabled=False):  # the core runs in float32
+        return attention_core_(qk, v, lepe, h, w, heads).view(b, h, w, c)
+
+
+def attention_core_(
+    qk: torch.Tensor, v: torch.Tensor, lepe: torch.Tensor, h: int, w: int, heads: int
+) -> torch.Tensor:
+    """:func:`~mlla_mm.models.backbones.mlla.linear_attention` of ``ELU(qk) + 1`` in place,
+    accumulated into ``lepe``.
 
     Args:
-        qk: (B, N, 2, C) q and k before the feature map (may be overwritten).
-        v: (B, N, C) values, in ``dtype``.
-        lepe: (B, N, C) LePE of the values (the output is accumulated into it).
-        dtype: The core's dtype (float32 for half/bf16 input).
+        qk: (B, N, 2, C) q and k before the feature map, float32 or bf16 (may be overwritten).
+        v: (B, N, C) float32 values.
+        lepe: (B, N, C) float32 LePE of the values (the output is accumulated into it).
+        h, w: The token grid; heads: number of heads.
 
     Returns:
         Tensor: ``lepe``, now LePE(v) plus the attention output.
@@ -769,20 +590,19 @@ def attend_inplace(
     def split(t):  # (N, C) -> (heads, N, d), a view
         return t.view(n, heads, d).transpose(0, 1)
 
-    if dtype == torch.float32 and c_kernels_for(qk, v, lepe):
-        # rotated q / normaliser and rotated k, fused
-        out = qk if qk.dtype == dtype else workspace('qk_features', qk, dtype)
-        table = torch.view_as_real(rope_complex_table(h, w, c, qk.device, dtype))
-        rot = cpu_kernels.attention_features(qk, out, table, heads)
+    if _c_kernels(qk, v, lepe):
+        out = qk if qk.dtype == torch.float32 else workspace('qk_features', qk, torch.float32)
+        rot = cpu_kernels.attention_features(qk, out, _rope_table(h, w, c, qk.device), heads)
         scaled = [split(rot[i, :, 0]) for i in range(b)]
     else:
-        qk = elu_plus_one(qk, dtype)
+        out = qk if qk.dtype == torch.float32 else workspace('elu_plus_one', qk, torch.float32)
+        qk = elu_plus_one_(qk, out)
         k_mean = qk[:, :, 1].mean(1).view(b, heads, 1, d)
         z = []  # (heads, N, 1) per image; as a (1 x d) @ (d x N) product: a fast GEMM shape
         for i in range(b):
             dots = torch.bmm(k_mean[i], split(qk[i, :, 0]).transpose(1, 2))  # (heads, 1, N)
             z.append(dots.add_(1e-6).reciprocal_().transpose(1, 2))
-        rot = rope_rotate(qk, h, w, inplace=True)
+        rot = rope_(qk, h, w)
         scaled = [split(rot[i, :, 0]).mul_(z[i]) for i in range(b)]
     for i in range(b):
         kv = torch.bmm(split(rot[i, :, 1]).transpose(1, 2), split(v[i])).mul_(1.0 / n)
@@ -790,154 +610,142 @@ def attend_inplace(
     return lepe
 
 
-class _MlpFunction(torch.autograd.Function):
-    """``fc2(GELU(fc1(x)))`` for training, over chunks of tokens, keeping only the pre-activation.
-
-    Plain autograd keeps both 4x-wide tensors (GELU's input, and its output for ``fc2``'s weight
-    gradient); here the backward recomputes GELU from the kept input (the same values, bit for
-    bit), which saves a quarter of the block's activation memory. Forward and backward run over
-    chunks of at most :data:`CHUNK_ELEMENTS` hidden activations (the pre-activation is kept as
-    those chunks), so no 4x-wide tensor exists whole: at high resolution a whole one is large
-    enough that the allocator maps fresh pages for it every step, and page faults then cost more
-    than the GEMMs. The weight gradients accumulate over the chunks.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):
-        tokens = x.reshape(-1, x.shape[-1])
-        step = rows_per_chunk(w1.shape[0])
-        out = tokens.new_empty(tokens.shape[0], w2.shape[0])
-        pres = []
-        for start in range(0, tokens.shape[0], step):
-            pre = F.linear(tokens[start : start + step], w1, b1)
-            out[start : start + step] = F.linear(F.gelu(pre), w2, b2)
-            pres.append(pre)
-        ctx.step = step
-        ctx.save_for_backward(x, w1, w2, *pres)
-        return out.view(*x.shape[:-1], -1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w1, w2, *pres = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grad = grad.reshape(-1, grad.shape[-1])
-        tokens = x.reshape(-1, x.shape[-1])
-        grad_x = torch.empty_like(tokens) if need[0] else None
-        grad_w1 = torch.zeros_like(w1) if need[1] else None
-        grad_b1 = w1.new_zeros(w1.shape[0]) if need[2] else None
-        grad_w2 = torch.zeros_like(w2) if need[3] else None
-        for i, pre in enumerate(pres):
-            rows = slice(i * ctx.step, i * ctx.step + pre.shape[0])
-            g = grad[rows]
-            if need[3]:
-                grad_w2.addmm_(g.t(), F.gelu(pre))
-            if need[0] or need[1] or need[2]:
-                grad_pre = torch.ops.aten.gelu_backward(g @ w2, pre)
-                if need[0]:
-                    torch.mm(grad_pre, w1, out=grad_x[rows])
-                if need[1]:
-                    grad_w1.addmm_(grad_pre.t(), tokens[rows])
-                if need[2]:
-                    grad_b1 += grad_pre.sum(0)
-        grad_b2 = grad.sum(0) if need[4] else None
-        grad_x = grad_x.view_as(x) if need[0] else None
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+def gate(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``y * g`` in ``g``'s dtype, in place into ``g`` (one rounding with the C kernel)."""
+    if _c_kernels(y, g):
+        return cpu_kernels.gate_(y, g)
+    return g.mul_(y.to(g.dtype))
 
 
-def mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
-    """``fc2(GELU(fc1(x)))``: with autograd (no tracing or autocast) the chunked
-    :class:`_MlpFunction`, otherwise the two fused linears."""
-    if torch.is_grad_enabled() and not (_tracing() or _autocast_dtype(x.device.type)):
-        return _MlpFunction.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-    return linear(linear(x, fc1.weight, fc1.bias, 'gelu'), fc2.weight, fc2.bias)
-
-
-def add_mlp(x: torch.Tensor, norm: nn.Module, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
-    """``x + fc2(GELU(fc1(norm(x))))``; without autograd in place, over chunks of tokens.
-
-    Every op of the MLP is per token, so chunks of at most :data:`CHUNK_ELEMENTS` hidden
-    activations give the same result while the 4x-wide hidden tensor never exists whole: lower
-    peak memory, and chunk buffers the allocator reuses instead of fresh pages.
-    """
-    if not inference(x) or not x.is_contiguous():
-        return x + mlp(norm(x), fc1, fc2)
+def add_mlp(x: torch.Tensor, norm: nn.LayerNorm, mlp: nn.Module, dtype) -> torch.Tensor:
+    """``x + mlp(norm(x))`` in place, over chunks of tokens (every op of the MLP is per token,
+    so the 4x-wide hidden tensor never exists whole)."""
+    x = x.contiguous()
     tokens = x.view(-1, x.shape[-1])
-    step = rows_per_chunk(fc1.out_features)
+    step = rows_per_chunk(mlp.fc1.out_features)
     for start in range(0, tokens.shape[0], step):
         rows = tokens[start : start + step]
         normed = layer_norm(rows, norm, scratch='mlp_norm')
-        hidden = linear(normed, fc1.weight, fc1.bias, 'gelu', scratch='mlp_hidden')
-        out = add_linear(rows, hidden, fc2.weight, fc2.bias)
-        if out is not rows:  # mixed dtypes without fused kernels: not accumulated in place
-            rows.copy_(out)
+        hidden = linear(normed, mlp.fc1, dtype, 'gelu', scratch='mlp_hidden')
+        add_linear(rows, hidden, mlp.fc2)
     return x
 
 
-def stem_conv3_bands(x: torch.Tensor, wide: nn.Module, project: nn.Module) -> torch.Tensor:
-    """The stem's ``project(wide(x))`` (3x3 stride-2 conv to 4C, then 1x1 to C) at inference,
-    over bands of output rows, so that the 4x-wide hidden tensor (the largest of the model)
-    never exists whole.
+@_unit('MLLABlock')
+def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An :class:`MLLABlock` (eval, no autograd): the module forward's result, fused.
 
-    Output rows ``[r0, r1)`` of the stride-2 3x3 conv read input rows ``2 r0 - 1 .. 2 r1 - 1``
-    (row -1 is the zero padding, which the first band keeps; the others slice it out).
-
-    Args:
-        x: (B, C_mid, H, W), channels-last memory.
-        wide, project: The two :class:`~mlla_mm.models.backbones.mlla.ConvLayer` of ``conv3``.
-
-    Returns:
-        Tensor: Tokens (B, H / 2, W / 2, C).
+    The gate, the activations and the residual additions run in place; block-internal results
+    may be :func:`workspace` buffers.
     """
+    dtype = unit_dtype(block, x)
+    x = x.contiguous()
+    # x + CPE(x), one conv; block-internal (the next CPE reads it), so it may be scratch
+    x = dwconv_nhwc(x, block.cpe1, dtype, residual=True, scratch='cpe1')
+    shortcut = x
+    x = layer_norm(x, block.norm1, scratch='norm1')
+    g = linear(x, block.act_proj, dtype, 'silu', scratch='gate')
+    x = linear(x, block.in_proj, dtype, scratch='in_proj')
+    x = dwconv_nhwc(x, block.dwc, dtype, act='silu', scratch='dwc')  # SiLU(DWConv(x))
+    x = gate(attention(block.attn, x, dtype), g)  # float32 core, then * gate in gate's dtype
+    if shortcut.dtype != dtype:  # bf16 autocast over a float32 input
+        shortcut = shortcut.to(dtype)
+    x = add_linear(shortcut, x, block.out_proj)
+    x = dwconv_nhwc(x, block.cpe2, dtype, residual=True)  # x + CPE(x)
+    return add_mlp(x, block.norm2, block.mlp, dtype)
+
+
+def _folded(layer: nn.Module) -> tuple:
+    """Conv weight and bias of a ``ConvLayer`` with its (eval-mode) BatchNorm folded in."""
+    conv_, bn = layer.conv, layer.norm
+    if bn is None:
+        return conv_.weight, conv_.bias
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv_.bias is not None:
+        bias = bias + conv_.bias * scale
+    return conv_.weight * scale.reshape(-1, 1, 1, 1), bias
+
+
+def _conv_layer(layer: nn.Module, x: torch.Tensor, dtype, padding=None) -> torch.Tensor:
+    """A ``ConvLayer`` (conv, folded BatchNorm, ReLU) on NCHW ``x``."""
+    weight, bias = _folded(layer)
+    act = 'relu' if layer.act is not None else None
+    return conv(x, weight, bias, layer.conv, dtype, act, padding)
+
+
+def _conv_layer_tokens(layer: nn.Module, x: torch.Tensor, dtype) -> torch.Tensor:
+    """A 1x1 ``ConvLayer`` on channels-last tokens (B, H, W, C_in): one GEMM."""
+    weight, bias = _folded(layer)
+    act = 'relu' if layer.act is not None else None
+    return linear(x, None, dtype, act, weight=weight.flatten(1), bias=bias)
+
+
+@_unit('Stem')
+def stem_forward(stem: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The :class:`Stem` (eval, no autograd) on a padded channels-last image batch.
+
+    The 3x3 stride-2 conv to 4C and the 1x1 projection run over bands of output rows, so the
+    4x-wide hidden tensor (the largest of the model) never exists whole. Output rows
+    ``[r0, r1)`` of the stride-2 conv read input rows ``2 r0 - 1 .. 2 r1 - 1`` (row -1 is the
+    zero padding, which the first band keeps; the others slice it out).
+    """
+    dtype = unit_dtype(stem, x)
+    x = _conv_layer(stem.conv1, x, dtype)
+    first, second = stem.conv2
+    weight, bias = _folded(second)
+    x = add_conv(x, _conv_layer(first, x, dtype), weight, bias, second.conv, dtype)
+    wide, project = stem.conv3
     b, _, h, w = x.shape
     out = None
     rows = rows_per_chunk(b * (w // 2) * wide.conv.out_channels)
     for r0 in range(0, h // 2, rows):
         r1 = min(r0 + rows, h // 2)
         if r0 == 0:
-            t = wide(x[:, :, : 2 * r1])
+            t = _conv_layer(wide, x[:, :, : 2 * r1], dtype)
         else:
-            t = wide(x[:, :, 2 * r0 - 1 : 2 * r1], padding=(0, 1))
-        band = project.forward_tokens(t.permute(0, 2, 3, 1))
+            t = _conv_layer(wide, x[:, :, 2 * r0 - 1 : 2 * r1], dtype, padding=(0, 1))
+        band = _conv_layer_tokens(project, t.permute(0, 2, 3, 1), dtype)
         if out is None:
             out = band.new_empty(b, h // 2, w // 2, band.shape[-1])
         out[:, r0:r1] = band
     return out
 
 
-def patch_merging_bands(
-    x: torch.Tensor, expand: nn.Module, dwconv: nn.Module, project: nn.Module
-) -> torch.Tensor:
-    """Patch merging at inference over bands of output rows, so the 8x-wide hidden tensor
-    never exists whole.
+@_unit('PatchMerging')
+def patch_merging_forward(merging: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A :class:`PatchMerging` (eval, no autograd) on tokens (B, H, W, C), H and W even, over
+    bands of output rows, so the 8x-wide hidden tensor never exists whole.
 
-    Output rows ``[r0, r1)`` of the stride-2 3x3 conv read input rows ``2 r0 - 1 .. 2 r1 - 1``.
-    Each band expands its own rows ``2 r0 .. 2 r1 - 1`` once and runs the conv with a zero
-    row on top; the top kernel row's taps on the previous band's last row (the zero row's
+    Each band expands its own rows ``2 r0 .. 2 r1 - 1`` once and runs the stride-2 conv with a
+    zero row on top; the top kernel row's taps on the previous band's last row (the zero row's
     place) are then added to the band's first output row before the ReLU.
-
-    Args:
-        x: Tokens (B, H, W, C), H and W even.
-        expand, dwconv, project: The three ``ConvLayer`` of the patch merging.
-
-    Returns:
-        Tensor: Tokens (B, H / 2, W / 2, 2C).
     """
+    dtype = unit_dtype(merging, x)
+    expand, dwconv, project = merging.conv
     b, h, w, _ = x.shape
     out = None
     rows = rows_per_chunk(2 * b * w * expand.conv.out_channels)
-    weight, bias, groups = dwconv.conv.weight, dwconv.conv.bias, dwconv.conv.groups
+    c = dwconv.conv
+    weight, bias = _cast(c.weight, dtype), _cast(c.bias, dtype)
     halo = None  # the previous band's last expanded row, NCHW (B, C, 1, W)
     for r0 in range(0, h // 2, rows):
         r1 = min(r0 + rows, h // 2)
-        t = expand.forward_tokens(x[:, 2 * r0 : 2 * r1]).permute(0, 3, 1, 2)
-        wt, bt = cast(weight, t.dtype), cast(bias, t.dtype)
-        with torch.autocast(t.device.type, enabled=False):
-            y = F.conv2d(t, wt, bt, 2, 1, 1, groups)
+        t = _conv_layer_tokens(expand, x[:, 2 * r0 : 2 * r1], dtype).permute(0, 3, 1, 2)
+        with torch.autocast('cpu', enabled=False):
+            y = F.conv2d(t, weight, bias, c.stride, c.padding, c.dilation, c.groups)
             if halo is not None:
-                y[:, :, :1] += F.conv2d(halo, wt[:, :, :1], None, (1, 2), (0, 1), 1, groups)
+                taps = weight[:, :, :1]
+                y[:, :, :1] += F.conv2d(halo, taps, None, (1, 2), (0, 1), 1, c.groups)
         halo = t[:, :, -1:]
-        band = project.forward_tokens(F.relu_(y).permute(0, 2, 3, 1))
+        band = _conv_layer_tokens(project, F.relu_(y).permute(0, 2, 3, 1), dtype)
         if out is None:
             out = band.new_empty(b, h // 2, w // 2, band.shape[-1])
         out[:, r0:r1] = band
     return out
+
+
+@_unit('output')
+def output_forward(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """A stage output: ``norm(x)`` as a contiguous NCHW tensor (:func:`to_nchw`)."""
+    return to_nchw(F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps))

@@ -12,20 +12,21 @@ channels-last (B, H, W, C) through a stage. Any input size works (padding as the
 downstream code does); RoPE is computed for the actual token grid and cached, never stored in the
 state dict.
 
-How each step runs fast (fused oneDNN kernels in float32 or bf16, in-place and chunked
-inference, complex RoPE, ``ELU + 1`` without ``expm1``, the chunked training MLP) is not written
-here: the layers call the primitives and layer strategies of
-:mod:`mlla_mm.models.backbones.mlla_ops` (imported as ``ops``), which choose per call and give
-the plain operation's result. The tests hold every path to the plain transcription
-(:mod:`mlla_mm.testing`). OpenMMLab backbone arguments: ``out_indices``, ``frozen_stages``,
-``norm_eval``, ``with_cp``, ``init_cfg`` and ``get_layer_depth`` for layer-wise learning-rate
-decay.
+Every layer is a module that is called, so forward hooks, LoRA wrappers, dynamic quantisation,
+pruning and FLOP counters see and change what runs. The stem, each patch merging and each block
+also has a fused CPU inference path (:mod:`.fast_path`), taken as a whole unit when the
+conditions of :func:`.fast_path.why_not_fast_path` hold (no autograd, eval mode, CPU, the
+standard layer types without hooks, no dispatch mode...) and giving the same result; otherwise
+the plain forward below runs. ``MLLA(fast_path=False)`` never takes it. OpenMMLab backbone
+arguments: ``out_indices``, ``frozen_stages``, ``norm_eval``, ``with_cp``, ``init_cfg`` and
+``get_layer_depth`` for layer-wise learning-rate decay.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -41,23 +42,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mlla_mm.registry import MODELS
 from mlla_mm.safe_load import check_checkpoint_file
 
-from . import mlla_ops as ops
-from .mlla_ops import (  # noqa: F401  (the RoPE caches and helpers, re-exported)
-    _ROPE_CACHE,
-    _ROPE_COMPLEX_CACHE,
-    _ROPE_PAIR_CACHE,
-    _tracing,
-    apply_rope,
-    dwconv_nhwc,
-    elu_plus_one,
-    rope_rotate,
-    rope_tables,
-)
+from . import fast_path
 
 __all__ = [
     'MLLA',
     'checkpoint_arch',
     'convert_official_state_dict',
+    'linear_attention',
     'pretrained_checkpoints',
     'rope_tables',
 ]
@@ -66,6 +57,11 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
+def _tracing() -> bool:
+    """Whether the forward is being traced, compiled or exported (shapes may be symbolic)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth per sample (timm's ``drop_path``)."""
     if p == 0.0 or not training:
@@ -87,8 +83,13 @@ class DropPath(nn.Module):
         return f'p={self.p}'
 
 
-def _autocast(device_type: str) -> bool:
-    return ops._autocast_dtype(device_type) is not None
+def nhwc_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv`` (an NCHW module) applied to channels-last tokens (B, H, W, C) -> (B, H', W', C').
+
+    The conv sees the NCHW view of the tokens (channels-last memory), so no copy is made and the
+    result, permuted back, is contiguous tokens again.
+    """
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
 class _Recomputing:
@@ -112,10 +113,101 @@ def checkpoint(fn, x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# Rotary position embedding
+# --------------------------------------------------------------------------------------------
+def _rope_angles(h: int, w: int, dim: int, base: float, device) -> torch.Tensor:
+    k_max = dim // 4
+    theta = 1.0 / (base ** (torch.arange(k_max, device=device, dtype=torch.float32) / k_max))
+    rows = torch.arange(h, device=device, dtype=torch.float32)[:, None, None] * theta
+    cols = torch.arange(w, device=device, dtype=torch.float32)[None, :, None] * theta
+    return torch.cat([rows.expand(h, w, k_max), cols.expand(h, w, k_max)], dim=-1)
+
+
+_ROPE_CACHE: dict = {}
+_ROPE_LOCK = threading.Lock()
+_ROPE_CACHE_SIZE = 256
+
+
+def rope_tables(h: int, w: int, dim: int, device, dtype, base: float = 10000.0) -> tuple:
+    """Cosine and sine tables of the 2-D RoPE over an ``h x w`` token grid.
+
+    Channel pair ``p`` (channels ``2p, 2p+1``) is rotated by ``row * theta_p`` for the first
+    ``dim // 4`` pairs and by ``col * theta_{p - dim // 4}`` for the rest, with
+    ``theta_k = base ** (-k / (dim // 4))``, as in the official code. Tables depend only on the
+    grid, so they are cached (made outside inference mode and autograd, so that any later
+    forward may use them); traced and compiled graphs compute them for their symbolic sizes.
+
+    Returns:
+        tuple[Tensor, Tensor]: ``cos`` and ``sin``, each of shape (h, w, dim // 2).
+    """
+
+    def make() -> tuple:
+        angles = _rope_angles(h, w, dim, base, device)
+        return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
+
+    if _tracing():
+        return make()
+    key = (h, w, dim, base, torch.device(device), dtype)
+    tables = _ROPE_CACHE.get(key)
+    if tables is None:
+        with torch.inference_mode(False), torch.no_grad():
+            tables = make()
+        with _ROPE_LOCK:
+            if len(_ROPE_CACHE) >= _ROPE_CACHE_SIZE:
+                _ROPE_CACHE.clear()
+            _ROPE_CACHE[key] = tables
+    return tables
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs of ``x`` (..., C) by the angles whose cos/sin (..., C / 2) are given."""
+    x = x.unflatten(-1, (-1, 2))
+    x_re, x_im = x[..., 0], x[..., 1]
+    return torch.stack([x_re * cos - x_im * sin, x_im * cos + x_re * sin], dim=-1).flatten(-2)
+
+
+# --------------------------------------------------------------------------------------------
+# The attention core
+# --------------------------------------------------------------------------------------------
+def linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int, heads: int
+) -> torch.Tensor:
+    """The MLLA linear attention core (the one reference of its equations).
+
+    Per head, with ``N = h * w`` tokens and positive features ``q``, ``k``::
+
+        out = RoPE(q) @ (RoPE(k)^T @ v / N) / (q . mean(k) + 1e-6)
+
+    The normaliser uses the un-rotated q and k.
+
+    Args:
+        q, k: (B, N, C) positive features (``ELU + 1`` of the projections).
+        v: (B, N, C) values.
+        h, w: The token grid (``N = h * w``), for RoPE.
+        heads: Number of heads (``C`` splits into ``heads`` groups of ``C / heads`` channels).
+
+    Returns:
+        Tensor: (B, N, C) attention output (without LePE).
+    """
+    n, c = q.shape[1], q.shape[2]
+    cos, sin = rope_tables(h, w, c, q.device, q.dtype)
+    cos, sin = cos.reshape(h * w, c // 2), sin.reshape(h * w, c // 2)
+
+    def split(t):  # (B, N, C) -> (B, heads, N, d), a view
+        return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+    q_rope, k_rope = split(apply_rope(q, cos, sin)), split(apply_rope(k, cos, sin))
+    q, k, v = split(q), split(k), split(v)
+    z = 1.0 / (q @ k.mean(dim=2, keepdim=True).transpose(-2, -1) + 1e-6)  # (B, heads, N, 1)
+    kv = (k_rope.transpose(-2, -1) @ v) * (1.0 / n)  # (B, heads, d, d)
+    return (q_rope @ kv * z).transpose(1, 2).flatten(2)
+
+
+# --------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------
 class ConvLayer(nn.Module):
-    """Conv2d -> optional BatchNorm -> optional ReLU; BatchNorm is folded in at inference."""
+    """Conv2d -> optional BatchNorm -> optional ReLU."""
 
     def __init__(
         self,
@@ -136,34 +228,17 @@ class ConvLayer(nn.Module):
         self.norm = nn.BatchNorm2d(out_channels) if norm else None
         self.act = nn.ReLU() if act else None
 
-    def forward(self, x: torch.Tensor, padding: tuple | None = None) -> torch.Tensor:
-        """Conv, BatchNorm, ReLU; ``padding`` overrides the conv's (inference only, for bands)."""
-        if self.norm_training:
-            x = self._batch_norm(self.conv(x))
-            return x if self.act is None else F.relu(x, inplace=True)  # backward reads the result
-        weight, bias = self._folded()
-        c = self.conv
-        padding = c.padding if padding is None else padding
-        act = 'relu' if self.act is not None else None
-        return ops.conv(x, weight, bias, c.stride, padding, c.dilation, c.groups, act)
-
-    def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``residual + self(x)`` (no activation); at inference the conv accumulates into it."""
-        if self.act is not None or self.norm_training:
-            return residual + self(x)
-        weight, bias = self._folded()
-        c = self.conv
-        return ops.add_conv(residual, x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
-
-    @property
-    def norm_training(self) -> bool:
-        return self.norm is not None and self.norm.training
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.norm is not None:
+            x = self._batch_norm(x)
+        return x if self.act is None else self.act(x)
 
     def _batch_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """Training-mode BatchNorm; a checkpoint's recomputation restores the running statistics
+        """BatchNorm; in training, a checkpoint's recomputation restores the running statistics
         afterwards (any BatchNorm class, SyncBatchNorm included)."""
         bn = self.norm
-        if not (_Recomputing.depth and bn.track_running_stats):
+        if not (_Recomputing.depth and bn.training and bn.track_running_stats):
             return bn(x)
         buffers = [
             b for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if b is not None
@@ -176,31 +251,6 @@ class ConvLayer(nn.Module):
                 for b, v in zip(buffers, saved):
                     b.copy_(v)
 
-    def _folded(self) -> tuple:
-        """Conv weight and bias with the (inference-mode) BatchNorm folded in."""
-        conv, bn = self.conv, self.norm
-        if bn is None:
-            return conv.weight, conv.bias
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        bias = bn.bias - bn.running_mean * scale
-        if conv.bias is not None:
-            bias = bias + conv.bias * scale
-        return conv.weight * scale.reshape(-1, 1, 1, 1), bias
-
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """A 1x1 ConvLayer on channels-last tokens (B, H, W, C_in) -> (B, H, W, C_out).
-
-        The 1x1 conv is a linear layer of the tokens (one GEMM, no layout change); BatchNorm is
-        folded in at inference and runs on the NCHW view of the tokens in training.
-        """
-        act = 'relu' if self.act is not None else None
-        if not self.norm_training:
-            weight, bias = self._folded()
-            return ops.linear(x, weight.flatten(1), bias, act)
-        x = F.linear(x, self.conv.weight.flatten(1), self.conv.bias)
-        x = self._batch_norm(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return x if act is None else F.relu(x, inplace=True)
-
 
 class Stem(nn.Module):
     """Convolutional stem: stride-4 patch embedding with a residual 3x3 pair."""
@@ -208,6 +258,7 @@ class Stem(nn.Module):
     def __init__(self, in_channels: int, embed_dims: int) -> None:
         super().__init__()
         mid = embed_dims // 2
+        self.use_fast_path = True  # see fast_path.why_not_fast_path
         self.conv1 = ConvLayer(in_channels, mid, 3, stride=2, padding=1, bias=False)
         self.conv2 = nn.Sequential(
             ConvLayer(mid, mid, 3, padding=1, bias=False),
@@ -228,12 +279,12 @@ class Stem(nn.Module):
             # shapes, and ONNX integer division truncates (negative operands would round wrong)
             x = F.pad(x, (0, (w + 3) // 4 * 4 - w, 0, (h + 3) // 4 * 4 - h))
         # channels-last convs: oneDNN's fastest path, and the NHWC tokens come out copy-free
-        x = self.conv1(x.contiguous(memory_format=torch.channels_last))
-        x = self.conv2[1].add_to(self.conv2[0](x), x)  # x + conv(conv(x))
-        if ops.inference(x) and not self.conv3[0].norm_training:
-            return ops.stem_conv3_bands(x, *self.conv3)
-        x = self.conv3[0](x).permute(0, 2, 3, 1)
-        return self.conv3[1].forward_tokens(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.use_fast_path and fast_path.why_not_fast_path(self, x) is None:
+            return fast_path.stem_forward(self, x)
+        x = self.conv1(x)
+        x = x + self.conv2(x)
+        return self.conv3(x).permute(0, 2, 3, 1)
 
 
 class PatchMerging(nn.Module):
@@ -243,6 +294,7 @@ class PatchMerging(nn.Module):
         super().__init__()
         out_dim = 2 * dim
         hidden = int(out_dim * ratio)
+        self.use_fast_path = True  # see fast_path.why_not_fast_path
         self.conv = nn.Sequential(
             ConvLayer(dim, hidden, 1, norm=False),
             ConvLayer(hidden, hidden, 3, stride=2, padding=1, groups=hidden, norm=False),
@@ -254,16 +306,13 @@ class PatchMerging(nn.Module):
         h, w = x.shape[1:3]
         if _tracing() or h % 2 or w % 2:  # odd sizes: pad *before* the 1x1 conv
             x = F.pad(x, (0, 0, 0, w - w // 2 * 2, 0, h - h // 2 * 2))  # floor div, as above
-        expand, dwconv, project = self.conv
-        if ops.inference(x) and not project.norm.training:
-            return ops.patch_merging_bands(x, expand, dwconv, project)
-        x = expand.forward_tokens(x)  # 1x1 convs as token GEMMs: no NCHW round trip
-        x = dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return project.forward_tokens(x)
+        if self.use_fast_path and fast_path.why_not_fast_path(self, x) is None:
+            return fast_path.patch_merging_forward(self, x)
+        return nhwc_conv(self.conv, x)
 
 
 class Mlp(nn.Module):
-    """``fc2(GELU(fc1(x)))`` (trained as a chunked function, see :func:`mlla_ops.mlp`)."""
+    """``fc2(GELU(fc1(x)))``."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -272,18 +321,15 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.mlp(x, self.fc1, self.fc2)
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class LinearAttention(nn.Module):
-    """Linear attention with RoPE on q/k and LePE on v.
+    """Linear attention with RoPE on q/k and LePE on v (:func:`linear_attention`).
 
-    ``q, k = ELU(W x) + 1``, ``v = x``. Per head, with ``N`` tokens::
-
-        out = (RoPE(q) @ (RoPE(k)^T @ v) / N) / (q . mean(k) + 1e-6) + LePE(v)
-
-    The normaliser uses the un-rotated q and k. The core (``ELU + 1``, the products and LePE)
-    runs in float32 under autocast and in a half/bf16 model.
+    ``q, k = ELU(W x) + 1``, ``v = x``; the output is ``linear_attention(q, k, v) + LePE(v)``.
+    The core (``ELU + 1`` and the products) runs in float32 for half/bf16 input, with autocast
+    off, as timm's EfficientViT does for its linear attention.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
@@ -295,54 +341,17 @@ class LinearAttention(nn.Module):
         self.qk = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.lepe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
-    def forward(self, x: torch.Tensor, scratch: str | None = None) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C) in the core's dtype: float32 for half/bf16 input (the
-        block casts it back within its gate product).
-
-        q and k come out of one GEMM as a (B, N, 2, C) tensor and are rotated together. The heads
-        are a batch dimension of strided views, so each product is one batched GEMM over all
-        heads without a transpose copy; see :meth:`_attend`. ``scratch`` (for a caller that is
-        done with the result before the next call, as :class:`MLLABlock`): the output may be
-        the reused :func:`~mlla_ops.workspace` of that name.
-        """
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C), in float32 for half/bf16 input (the block casts it
+        back within its gate product)."""
         b, h, w, c = x.shape
-        qk = ops.linear(x, self.qk.weight, self.qk.bias, scratch='qk')
+        qk = self.qk(x)
+        lepe = nhwc_conv(self.lepe, x)
         with torch.autocast(x.device.type, enabled=False):
             dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-            v = ops.to_float(x, dtype, 'v')
-            lepe = dwconv_nhwc(v, self.lepe, scratch=scratch)  # float32 weights and input
-            lepe = lepe.view(b, h * w, c)
-            qk, v = qk.view(b, h * w, 2, c), v.view(b, h * w, c)
-            if ops.inference(x):  # ELU + 1 within, fused where it can
-                out = ops.attend_inplace(qk, v, lepe, h, w, self.num_heads, dtype)
-            else:
-                out = self._attend(elu_plus_one(qk, dtype), v, lepe, h, w)
-        return out.view(b, h, w, c)
-
-    def _attend(self, qk, v, lepe, h: int, w: int) -> torch.Tensor:
-        """The attention core as four batched products over (B, heads).
-
-        Args:
-            qk: (B, N, 2, C) ``ELU + 1`` of q and k.
-            v: (B, N, C) values.
-            lepe: (B, N, C) LePE of the values.
-
-        Returns:
-            Tensor: (B, N, C), ``LePE(v)`` plus the attention output.
-        """
-        heads, n = self.num_heads, h * w
-
-        def split(t):  # (B, N, C) -> (B, heads, N, d), a view
-            return t.unflatten(-1, (heads, -1)).transpose(1, 2)
-
-        q, k = qk.unbind(2)
-        q_rot, k_rot = rope_rotate(qk, h, w).unbind(2)
-        k_mean = split(k).mean(2, keepdim=True)  # (B, heads, 1, d)
-        # the normaliser as (1 x d) @ (d x N), a fast GEMM shape
-        z = 1.0 / ((k_mean @ split(q).transpose(-2, -1)).transpose(-2, -1) + 1e-6)  # (B, h, N, 1)
-        kv = (split(k_rot).transpose(-2, -1) @ split(v)) * (1.0 / n)  # (B, heads, d, d)
-        out = (split(q_rot) * z) @ kv  # (B, heads, N, d)
-        return (lepe.unflatten(-1, (heads, -1)) + out.transpose(1, 2)).flatten(2)
+            q, k = (F.elu(qk.to(dtype)) + 1.0).view(b, h * w, 2, c).unbind(2)
+            out = linear_attention(q, k, x.to(dtype).view(b, h * w, c), h, w, self.num_heads)
+            return out.view(b, h, w, c) + lepe.to(dtype)
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}, num_heads={self.num_heads}'
@@ -361,6 +370,7 @@ class MLLABlock(nn.Module):
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
+        self.use_fast_path = True  # see fast_path.why_not_fast_path
         self.cpe1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = nn.LayerNorm(dim)
         self.in_proj = nn.Linear(dim, dim)
@@ -375,31 +385,18 @@ class MLLABlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C), all intermediates channels-last.
-
-        Without autograd the gate, the activations and the residual additions run in place.
-        """
-        # x + CPE(x), one conv; block-internal (the next CPE reads it), so it may be scratch
-        x = dwconv_nhwc(x, self.cpe1, residual=True, scratch='cpe1')
+        """(B, H, W, C) -> (B, H, W, C)."""
+        if self.use_fast_path and fast_path.why_not_fast_path(self, x) is None:
+            return fast_path.block_forward(self, x)
+        x = x + nhwc_conv(self.cpe1, x)
         shortcut = x
-        x = ops.layer_norm(x, self.norm1, scratch='norm1')
-        gate = ops.linear(x, self.act_proj.weight, self.act_proj.bias, 'silu', scratch='gate')
-        x = ops.linear(x, self.in_proj.weight, self.in_proj.bias, scratch='in_proj')
-        x = dwconv_nhwc(x, self.dwc, act='silu', scratch='dwc')  # SiLU(DWConv(x))
-        # attention (float32 core) * gate, in gate's dtype
-        x = ops.gate(self.attn(x, scratch='attn'), gate)
-        if self._drop_path_active:
-            x = shortcut + self.drop_path(self.out_proj(x))
-        else:
-            x = ops.add_linear(shortcut, x, self.out_proj.weight, self.out_proj.bias)
-        x = dwconv_nhwc(x, self.cpe2, residual=True)  # x + CPE(x)
-        if self._drop_path_active:
-            return x + self.drop_path(self.mlp(self.norm2(x)))
-        return ops.add_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2)  # x + MLP(LN(x))
-
-    @property
-    def _drop_path_active(self) -> bool:
-        return self.training and not isinstance(self.drop_path, nn.Identity)
+        x = self.norm1(x)
+        gate = self.act(self.act_proj(x))
+        x = self.act(nhwc_conv(self.dwc, self.in_proj(x)))
+        x = self.out_proj(self.attn(x).to(gate.dtype) * gate)
+        x = shortcut + self.drop_path(x)
+        x = x + nhwc_conv(self.cpe2, x)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class MLLAStage(nn.Module):
@@ -459,6 +456,9 @@ class MLLA(BaseModule):
             (what gives the official logits in classification). With False it is left out
             (reported as unexpected) and ``norm3`` keeps its initialisation, as in the official
             detection and segmentation code, which loads the classifier with ``strict=False``.
+        fast_path: Let the stem, the patch mergings and the blocks take their fused CPU
+            inference path where its conditions hold (see :mod:`.fast_path`); the result is
+            the same either way. False always runs the plain module forward.
         init_cfg: mmengine init config (a dict or a list of dicts, any initialiser), e.g.
             ``dict(type='Pretrained', checkpoint=PATH)`` with an official MLLA ImageNet or
             downstream checkpoint, or this package's own.
@@ -496,6 +496,7 @@ class MLLA(BaseModule):
         with_cp: bool = False,
         checkpoint_key: str = 'model',
         map_cls_norm: bool = True,
+        fast_path: bool = True,
         init_cfg: dict | list | None = None,
         pretrained: str | None = None,
     ) -> None:
@@ -558,6 +559,10 @@ class MLLA(BaseModule):
         for i in self.out_indices:
             self.add_module(f'norm{i}', nn.LayerNorm(self.num_features[i]))
 
+        self.use_fast_path = fast_path
+        for m in self.modules():
+            if hasattr(m, 'use_fast_path'):
+                m.use_fast_path = fast_path
         self._register_load_state_dict_pre_hook(self._load_hook)
         self._freeze_stages()
 
@@ -715,19 +720,26 @@ class MLLA(BaseModule):
         """(B, C_in, H, W) -> tuple of NCHW features, one per index in ``out_indices``."""
         if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
             self._check_input(x)
-        weight = self.patch_embed.conv1.conv.weight
-        if x.dtype != weight.dtype and x.is_floating_point() and not _autocast(x.device.type):
-            x = x.to(weight.dtype)  # a half/bf16 model (model.half()) fed float32 images
+        dtype = next(self.patch_embed.parameters()).dtype
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if x.dtype != dtype and x.is_floating_point() and dtype.is_floating_point and not autocast:
+            x = x.to(dtype)  # a half/bf16 model (model.half()) fed float32 images
         x = self._maybe_checkpoint(self.patch_embed, x)
         outs = []
         for i, stage in enumerate(self.layers):
             x = stage(x)
             if i in self.out_indices:
-                outs.append(ops.to_nchw(getattr(self, f'norm{i}')(x)))
+                outs.append(self._output(getattr(self, f'norm{i}'), x))
             if i == max(self.out_indices):
                 break
             x = self._maybe_checkpoint(stage.downsample, x)
         return tuple(outs)
+
+    def _output(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A stage's output: its norm, as a contiguous NCHW tensor."""
+        if self.use_fast_path and fast_path.why_not_fast_path(norm, x) is None:
+            return fast_path.output_forward(norm, x)
+        return norm(x).permute(0, 3, 1, 2).contiguous()
 
     def _maybe_checkpoint(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """With ``with_cp`` the stem and the patch mergings are checkpointed too (their wide

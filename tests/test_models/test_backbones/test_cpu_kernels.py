@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mlla_mm import MLLA
 from mlla_mm.models.backbones import cpu_kernels
-from mlla_mm.models.backbones import mlla_ops as ops
+from mlla_mm.models.backbones import fast_path as ops
 from mlla_mm.testing import TINY_ARCH, PlainMLLA, rel_err
 
 needs_cc = pytest.mark.skipif(
@@ -41,9 +41,9 @@ def fresh_loader(monkeypatch, tmp_path):
 
 
 def core(qk, v, lepe, h, w, heads):
-    """attend_inplace on copies, so that both paths see the same inputs."""
+    """The fast path's attention core on copies, so that both paths see the same inputs."""
     with torch.no_grad():
-        return ops.attend_inplace(qk.clone(), v, lepe.clone(), h, w, heads)
+        return ops.attention_core_(qk.clone(), v, lepe.clone(), h, w, heads)
 
 
 def core_inputs(b=2, h=7, w=9, c=24, dtype=torch.float32, seed=0):
@@ -143,24 +143,55 @@ def test_kernels_built_for_a_cpu_without_avx_match_aten(monkeypatch, tmp_path):
 
 
 @needs_cc
-def test_dispatch_modes_see_the_aten_ops(monkeypatch):
-    """Under a TorchDispatchMode (FLOP counters, FakeTensor) the kernels, which work on memory
-    unseen by it, step aside: every op of the core is dispatched."""
-    calls, seen = [], []
-    real = cpu_kernels.attention_features
-    monkeypatch.setattr(cpu_kernels, 'attention_features', lambda *a: calls.append(1) or real(*a))
+def test_kernels_are_custom_ops_the_dispatcher_sees():
+    """The kernels are torch custom operators: a TorchDispatchMode sees them by name
+    (``mlla::...``), their schemas and fake implementations pass ``torch.library.opcheck``, and
+    they run on FakeTensors (shape propagation, as torch.compile does) without touching memory."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    seen = []
 
     class Watch(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(func.overloadpacket.__name__)
+            seen.append(str(func.overloadpacket))
             return func(*args, **(kwargs or {}))
 
     qk, v, lepe = core_inputs()
     with Watch():
         core(qk, v, lepe, 7, 9, 2)
-    assert not calls and {'bmm', 'exp_', 'baddbmm_'} <= set(seen)
-    core(qk, v, lepe, 7, 9, 2)
-    assert calls
+    assert 'mlla.attention_features' in seen and 'aten.baddbmm_' in seen
+    table = ops._rope_table(7, 9, 24, 'cpu')
+    y, g = torch.randn(4, 24), torch.randn(4, 24)
+    cases = [
+        (torch.ops.mlla.attention_features.default, (qk, torch.empty(qk.shape), table, 2)),
+        (torch.ops.mlla.gate_.default, (y, g.clone())),
+        (torch.ops.mlla.bias_act_.default, (g.clone(), torch.randn(24), 1)),
+        (torch.ops.mlla.layer_norm.default, (y, torch.ones(24), torch.zeros(24), 1e-5, g.clone())),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=('test_schema', 'test_faketensor'))
+    with FakeTensorMode() as mode:
+        fake, fake_table = mode.from_tensor(qk), mode.from_tensor(table)
+        out = cpu_kernels.attention_features(fake, torch.empty(qk.shape), fake_table, 2)
+        assert out.shape == qk.shape
+
+
+@needs_cc
+def test_profiler_names_the_kernels_and_the_units():
+    """The fast path's custom operators and units appear as named profiler events."""
+    model = MLLA(arch=TINY_ARCH).eval()
+    with (
+        torch.no_grad(),
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof,
+    ):
+        model(torch.randn(1, 3, 64, 64))
+    names = {e.name for e in prof.events()}
+    assert 'mlla::attention_features' in names and 'mlla::gate_' in names
+    assert {
+        'mlla.fast_path.Stem',
+        'mlla.fast_path.MLLABlock',
+        'mlla.fast_path.PatchMerging',
+    } <= names
 
 
 @needs_cc

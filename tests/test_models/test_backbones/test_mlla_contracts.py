@@ -132,8 +132,7 @@ def test_threads_share_the_caches_safely():
         expected = [model(x)[-1] for x in inputs]
     from mlla_mm.models.backbones import mlla as module
 
-    for cache in (module._ROPE_CACHE, module._ROPE_COMPLEX_CACHE, module._ROPE_PAIR_CACHE):
-        cache.clear()
+    module._ROPE_CACHE.clear()
     results, errors = {}, []
 
     def run(i):
@@ -178,15 +177,16 @@ def test_bf16_model_trains(monkeypatch):
     torch.manual_seed(0)
     model = MLLA(arch=TINY, drop_path_rate=0.1).to(torch.bfloat16).train()
     seen = []
-    attn = model.layers[1].blocks[0].attn
-    original = attn._attend
+    from mlla_mm.models.backbones import mlla as module
+
+    original = module.linear_attention
     monkeypatch.setattr(
-        attn, '_attend', lambda qk, v, *a: seen.append(qk.dtype) or original(qk, v, *a)
+        module, 'linear_attention', lambda q, k, *a: seen.append(q.dtype) or original(q, k, *a)
     )
     outs = model(torch.randn(2, 3, 40, 56, dtype=torch.bfloat16))
     loss = sum(o.float().square().mean() for o in outs)
     loss.backward()
-    assert seen == [torch.float32]  # the attention core runs in float32
+    assert seen and set(seen) == {torch.float32}  # the attention core runs in float32
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(
         g is not None and g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads
