@@ -91,15 +91,17 @@ def part_times(model: nn.Module, x: torch.Tensor, dtype: str = 'fp32', repeats: 
     return {'parts': out, 'matmul_gflops': rate, 'total_ms': sum(p['ms'] for p in out.values())}
 
 
-# the layers with weights: oneDNN linears and convs, ATen's (add)mm (a linear accumulating into
-# its residual); not the attention's batched products, whose speed depends on their views
+# the layers with weights: ATen's linears ((add)mm) and convolutions (under a dispatch mode
+# the backbone runs its module forward, see fast_path.why_not_fast_path), and oneDNN's fused
+# ones where a model calls them directly; not the attention's batched products, whose speed
+# depends on their views
 _DENSE_OPS = {
     '_linear_pointwise', '_convolution_pointwise', '_convolution_pointwise_', 'mm', 'addmm',
-    'addmm_',
+    'addmm_', 'convolution',
 }  # fmt: skip
 
 
-_GROUPS_ARG = {'_convolution_pointwise': 6, '_convolution_pointwise_': 7}
+_GROUPS_ARG = {'_convolution_pointwise': 6, '_convolution_pointwise_': 7, 'convolution': 8}
 
 
 def dense_gemm_time(
@@ -111,8 +113,9 @@ def dense_gemm_time(
 ) -> dict:
     """The time of the model's dense layers alone: a lower bound of its latency.
 
-    One inference records every layer with weights that runs as a matrix product (oneDNN
-    linears and dense convs, ATen ``mm``/``addmm``; with their shapes, strides and dtypes; not
+    One inference records every layer with weights that runs as a matrix product (linears and
+    dense convs: ATen ``mm``/``addmm``/``convolution``, oneDNN's fused kernels where a model
+    calls them directly; with their shapes, strides and dtypes; not
     the depthwise convs nor the attention's batched products); each is then replayed alone on
     fresh tensors of the same layout, without its activation epilogue, ``repeats`` times
     (median). Their sum is what the model would take if every other op (depthwise convs,
@@ -162,7 +165,7 @@ def dense_gemm_time(
 def _gemm_macs(name: str, args: list, out: torch.Tensor) -> int:
     if name == '_linear_pointwise':
         return out.numel() * args[1].shape[1]
-    if name == '_convolution_pointwise':
+    if name in ('_convolution_pointwise', 'convolution'):
         return out.numel() * args[1][0].numel()
     if name == '_convolution_pointwise_':  # accumulates into args[0]
         return args[0].numel() * args[2][0].numel()
