@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
-from types import ModuleType
+from types import FrameType, ModuleType
 from typing import Any, Callable
 
 __all__ = ['moved']
@@ -18,15 +18,15 @@ __all__ = ['moved']
 _IMPORT_MACHINERY = ('importlib', '_frozen_importlib')
 
 
-def _importer(old: str) -> str:
-    """The ``__name__`` of the module whose code imported ``old`` (outside the import system)."""
+def _importer(old: str) -> FrameType | None:
+    """The frame of the code that imported ``old`` (the first outside the import system)."""
     frame = sys._getframe(1)
     while frame is not None:
         name = frame.f_globals.get('__name__', '')
         if name not in (old, __name__) and not name.startswith(_IMPORT_MACHINERY):
-            return name
+            return frame
         frame = frame.f_back
-    return ''
+    return None
 
 
 def moved(old: str, *new: str) -> Callable[[str], Any]:
@@ -45,12 +45,17 @@ def moved(old: str, *new: str) -> Callable[[str], Any]:
     Returns:
         A module ``__getattr__`` that finds any name (private ones too) in the new modules.
     """
-    importer = _importer(old)
-    if not (importer.startswith('mlla_mm.') or importer == 'mlla_mm'):
-        warnings.warn(
+    frame = _importer(old)
+    importer = frame.f_globals.get('__name__', '') if frame is not None else ''
+    if frame is not None and not (importer.startswith('mlla_mm.') or importer == 'mlla_mm'):
+        # Attributed to the importing line (as stacklevel would, past importlib's frames).
+        warnings.warn_explicit(
             f'{old} moved to {" / ".join(new)}; the old path works until mlla_mm 0.2',
             DeprecationWarning,
-            stacklevel=3,
+            frame.f_code.co_filename,
+            frame.f_lineno,
+            module=importer,
+            registry=frame.f_globals.setdefault('__warningregistry__', {}),
         )
     modules: list[ModuleType] = [importlib.import_module(name) for name in new]
 

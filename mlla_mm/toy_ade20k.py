@@ -8,6 +8,6 @@ from mlla_mm.datasets.toy_ade20k import *  # noqa: E402,F401,F403
 if __name__ == '__main__':  # python -m mlla_mm.toy_ade20k [DIR]: as mlla-make-toy ade20k
     import sys
 
-    from mlla_mm.datasets.make_toy import main
+    from mlla_mm.datasets.toy_ade20k import main
 
-    main(['ade20k', *sys.argv[1:]], prog='python -m mlla_mm.toy_ade20k')
+    main(sys.argv[1:], prog='python -m mlla_mm.toy_ade20k')

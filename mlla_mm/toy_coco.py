@@ -8,6 +8,6 @@ from mlla_mm.datasets.toy_coco import *  # noqa: E402,F401,F403
 if __name__ == '__main__':  # python -m mlla_mm.toy_coco [DIR]: as mlla-make-toy coco
     import sys
 
-    from mlla_mm.datasets.make_toy import main
+    from mlla_mm.datasets.toy_coco import main
 
-    main(['coco', *sys.argv[1:]], prog='python -m mlla_mm.toy_coco')
+    main(sys.argv[1:], prog='python -m mlla_mm.toy_coco')

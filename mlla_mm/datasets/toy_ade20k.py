@@ -19,7 +19,9 @@ classes, ``0`` = other). Generation is deterministic given the seed (numpy's ``d
 
 from __future__ import annotations
 
+import argparse
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -135,9 +137,36 @@ def make_toy_ade20k(
     return root
 
 
-if __name__ == '__main__':  # python -m mlla_mm.datasets.toy_ade20k [DIR]: as mlla-make-toy ade20k
-    import sys
+# ------------------------------------------------------------------------------------------
+# Command line: mlla-make-toy ade20k [DIR], python -m mlla_mm.datasets.toy_ade20k [DIR]
+# ------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the toy ADE20K-layout set."""
+    parser.add_argument('out_dir', nargs='?', default='data/toy_ade20k', help='output folder')
+    parser.add_argument('--num-train', type=int, default=200)
+    parser.add_argument('--num-val', type=int, default=40)
+    parser.add_argument('--size', type=int, default=128, help='image height in pixels')
+    parser.add_argument('--seed', type=int, default=0)
 
-    from mlla_mm.datasets.make_toy import main
 
-    main(['ade20k', *sys.argv[1:]], prog='python -m mlla_mm.datasets.toy_ade20k')
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Write the toy ADE20K-layout set of ``args`` (:func:`add_arguments`)."""
+    try:
+        root = make_toy_ade20k(args.out_dir, args.num_train, args.num_val, args.size, args.seed)
+    except ValueError as e:
+        parser.error(str(e))
+    print(
+        f'toy ADE20K ({", ".join(CLASSES)}): {args.num_train} training / {args.num_val} '
+        f'validation images in {root}'
+    )
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    """Parse the options of :func:`add_arguments` and write the set."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv), parser)
+
+
+if __name__ == '__main__':
+    main(prog='python -m mlla_mm.datasets.toy_ade20k')

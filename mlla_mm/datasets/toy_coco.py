@@ -16,8 +16,10 @@ Generation is deterministic given the seed (numpy's ``default_rng``).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -213,9 +215,45 @@ def make_toy_coco(
     return files
 
 
-if __name__ == '__main__':  # python -m mlla_mm.datasets.toy_coco [DIR]: as mlla-make-toy coco
-    import sys
+# ------------------------------------------------------------------------------------------
+# Command line: mlla-make-toy coco [DIR], python -m mlla_mm.datasets.toy_coco [DIR]
+# ------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the toy COCO set."""
+    parser.add_argument('out_dir', nargs='?', default='data/toy_coco', help='output folder')
+    parser.add_argument('--num-train', type=int, default=400)
+    parser.add_argument('--num-val', type=int, default=50)
+    parser.add_argument('--size', type=int, default=128, help='image side in pixels')
+    parser.add_argument('--max-objects', type=int, default=3, help='shapes per image (max)')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--force', action='store_true', help='rewrite an existing set')
 
-    from mlla_mm.datasets.make_toy import main
 
-    main(['coco', *sys.argv[1:]], prog='python -m mlla_mm.datasets.toy_coco')
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Write the toy COCO set of ``args`` (:func:`add_arguments`) and say where it is."""
+    try:
+        files = make_toy_coco(
+            args.out_dir,
+            args.num_train,
+            args.num_val,
+            args.size,
+            args.max_objects,
+            args.seed,
+            skip_existing=not args.force,
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    print(f'toy COCO ({", ".join(CLASSES)}): {args.num_train} train / {args.num_val} val images')
+    for split, path in files.items():
+        print(f'  {split}: {path}')
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    """Parse the options of :func:`add_arguments` and write the set."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv), parser)
+
+
+if __name__ == '__main__':
+    main(prog='python -m mlla_mm.datasets.toy_coco')

@@ -128,7 +128,8 @@ def test_missing_dataset_fails_before_building(trained, tmp_path):
         check=False,
     )  # fmt: skip
     assert proc.returncode != 0
-    assert 'does not exist' in proc.stderr and 'make_toy_ade20k' in proc.stderr, proc.stderr[-2000:]
+    assert 'does not exist' in proc.stderr, proc.stderr[-2000:]
+    assert '`mlla-make-toy ade20k ' in proc.stderr, proc.stderr[-2000:]
 
 
 def test_test_refuses_a_checkpoint_without_the_models_heads(trained, tmp_path):

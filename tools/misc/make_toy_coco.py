@@ -3,7 +3,7 @@
     python tools/misc/make_toy_coco.py [data/toy_coco] [--num-train 400] [--num-val 50]
         [--size 128] [--max-objects 3] [--seed 0] [--force]
 
-The same as ``mlla-make-toy coco`` (:mod:`mlla_mm.datasets.make_toy`). The layout is COCO's
+The same as ``mlla-make-toy coco`` (:mod:`mlla_mm.datasets.toy_coco`). The layout is COCO's
 (annotations/instances_{train,val}.json, train/, val/), so that configs/toy/mask_rcnn_mlla_t_toy.py
 reads it with mmdet's CocoDataset and CocoMetric. A complete set written with the same arguments
 is kept (pass --force to write it again).
@@ -11,13 +11,13 @@ is kept (pass --force to write it again).
 
 import argparse
 
-from mlla_mm.datasets.make_toy import add_coco_args, run_coco
+from mlla_mm.datasets.toy_coco import add_arguments, run
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description='Write the toy COCO dataset')
-    add_coco_args(parser)
-    run_coco(parser.parse_args(argv), parser)
+    add_arguments(parser)
+    run(parser.parse_args(argv), parser)
 
 
 if __name__ == '__main__':
