@@ -132,7 +132,8 @@ def export_onnx(
     if batch < 2:
         raise ValueError('export with batch >= 2: a batch of 1 is traced as a constant')
     require_exporter(exporter)
-    model = _exportable(model.eval())
+    model.eval()  # (not chained: some backbones, e.g. mmdet's Swin, return None from train())
+    model = _exportable(model)
     x = torch.randn(batch, 3, *shape)
     with torch.no_grad():
         outputs = _as_tuple(model(x))

@@ -36,6 +36,7 @@ from mlla_mm.deploy import (
     onnx_io_dims,
     require_exporter,
 )
+from mlla_mm.deploy.export_friendly import export_friendly
 from mlla_mm.deploy.mask_rcnn_export import (
     export_detector_onnx,
     onnx_ops,
@@ -70,6 +71,12 @@ def parse_args(argv=None):
     parser.add_argument('--shape', type=int, nargs=2, default=(224, 224), metavar=('H', 'W'))
     parser.add_argument('--out', required=True, help='the .onnx file to write')
     parser.add_argument('--exporter', choices=EXPORTERS, default='torchscript')
+    parser.add_argument(
+        '--no-optimize',
+        action='store_true',
+        help='export the plain module forward instead of the graph rewritten for ONNX runtimes '
+        '(mlla_mm.deploy.export_friendly; checked against the unmodified model either way)',
+    )
     parser.add_argument('--opset', type=int, help='ONNX opset (default: the exporter default)')
     parser.add_argument(
         '--check-shape',
@@ -132,8 +139,11 @@ def _main(args) -> int:
         model = build_backbone(args.arch, config, args.checkpoint)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     start = time.perf_counter()
-    export_onnx(model, args.out, args.shape, exporter=args.exporter, opset=args.opset)
-    print(f'export_onnx: wrote {args.out} ({args.exporter}, {time.perf_counter() - start:.1f} s)')
+    exported = model if args.no_optimize else export_friendly(model)
+    export_onnx(exported, args.out, args.shape, exporter=args.exporter, opset=args.opset)
+    kind = 'plain' if args.no_optimize or exported is model else 'rewritten for ONNX runtimes'
+    print(f'export_onnx: wrote {args.out} ({args.exporter}, {kind}, '
+          f'{time.perf_counter() - start:.1f} s)')  # fmt: skip
     for name, dims in onnx_io_dims(args.out).items():
         print(f'  {name}: {dims}')
     shapes = args.check_shape or default_check_shapes(args.shape)
@@ -158,7 +168,8 @@ def _export_detector(args, graph: MaskRCNNGraph, config) -> int:
         return 2
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     start = time.perf_counter()
-    export_detector_onnx(graph, args.out, args.shape, opset=args.opset or 17)
+    exported = graph if args.no_optimize else export_friendly(graph)
+    export_detector_onnx(exported, args.out, args.shape, opset=args.opset or 17)
     print(f'export_onnx: wrote {args.out} (Mask R-CNN, traced at 1x3x{args.shape[0]}x'
           f'{args.shape[1]}, {time.perf_counter() - start:.1f} s)')  # fmt: skip
     for name, dims in onnx_io_dims(args.out).items():

@@ -1,0 +1,117 @@
+"""The deploy-time rewrite (mlla_mm.deploy.export_friendly): exact against the unmodified
+PyTorch model in eager mode and exported (onnxruntime, OpenVINO) at dynamic sizes; no operator
+the runtimes ran slowly; the runtime benchmark runs."""
+
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+
+from mlla_mm.deploy import (
+    assert_parity,
+    build_backbone,
+    build_whole_model,
+    check_onnx_parity,
+    export_onnx,
+)
+from mlla_mm.deploy.export_friendly import ExportStage, export_friendly
+from mlla_mm.deploy.mask_rcnn_export import onnx_ops
+
+pytest.importorskip('onnx')
+pytest.importorskip('onnxruntime')
+
+ROOT = Path(__file__).parents[2]
+MINI = {'embed_dims': 16, 'depths': (1, 2, 1, 1), 'num_heads': (1, 2, 2, 4)}
+
+
+def _randomise_batch_norms(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+
+
+@pytest.fixture(scope='module')
+def mini():
+    torch.manual_seed(0)
+    model = build_backbone(MINI)
+    _randomise_batch_norms(model)  # folding must use the running statistics
+    return model
+
+
+def test_rewrite_is_exact_in_eager_and_leaves_the_model(mini):
+    rewritten = export_friendly(mini)
+    assert all(isinstance(s, ExportStage) for s in rewritten.layers)
+    assert not any(isinstance(s, ExportStage) for s in mini.layers)
+    assert mini.patch_embed.conv1.norm is not None  # the original keeps its BatchNorm
+    for shape in [(2, 3, 64, 96), (1, 3, 67, 93)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            for a, b in zip(mini(x), rewritten(x)):
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def mini_onnx(mini, tmp_path_factory):
+    out = tmp_path_factory.mktemp('friendly') / 'mini.onnx'
+    export_onnx(export_friendly(mini), out, (64, 64))
+    return out
+
+
+def test_export_is_exact_at_two_dynamic_sizes(mini, mini_onnx):
+    results = check_onnx_parity(mini, mini_onnx, [(96, 160), (77, 130)], batch=2)
+    assert_parity(results, 1e-4)
+
+
+def test_export_has_none_of_the_slow_operators(mini_onnx):
+    """What the profiles found slow: RoPE's Gather/Concat of channel pairs, per-block Sin/Cos,
+    the strided ReduceMean, BatchNorm; Sin/Cos once per stage."""
+    ops = onnx_ops(mini_onnx)
+    assert not {'ReduceMean', 'BatchNormalization', 'Split'} & set(ops)
+    assert ops.get('Sin', 0) == 4 and ops.get('Cos', 0) == 4
+    assert ops.get('Gather', 0) <= len(MINI['depths']) * 40  # shape arithmetic only
+
+
+def test_openvino_runs_the_export_exactly(mini, mini_onnx):
+    pytest.importorskip('openvino')
+    from mlla_mm.deploy.runtimes import make_runner
+
+    x = torch.randn(1, 3, 77, 130)
+    run = make_runner('openvino', onnx_file=mini_onnx, threads=1)
+    got = run(x.numpy())
+    with torch.no_grad():
+        expected = mini(x)
+    for i, e in enumerate(expected):
+        a = got[i]
+        assert a.shape == tuple(e.shape)
+        assert np.abs(a - e.numpy()).max() / np.abs(e.numpy()).max() < 1e-4
+
+
+def test_segmentor_with_the_rewrite_is_exact(tmp_path):
+    pytest.importorskip('mmseg')
+    cfg = Config.fromfile(ROOT / 'configs' / 'toy' / 'upernet_mlla_t_toy.py')
+    cfg.model.backbone.arch = MINI
+    cfg.model.decode_head.in_channels = [16, 32, 64, 128]
+    cfg.model.auxiliary_head.in_channels = 64
+    model = build_whole_model(cfg)
+    out = tmp_path / 'upernet.onnx'
+    export_onnx(export_friendly(model), out, (64, 64))
+    assert_parity(check_onnx_parity(model, out, [(96, 160), (77, 130)], batch=1), 1e-4)
+
+
+def test_benchmark_tool_runs_every_runtime(tmp_path, capsys):
+    pytest.importorskip('openvino')
+    tool = runpy.run_path(str(ROOT / 'tools' / 'deployment' / 'benchmark_runtimes.py'))
+    tool['main']([
+        '--models', 'mlla_t', '--size', '96x64', '--threads', '1', '--repeats', '1',
+        '--work-dir', str(tmp_path), '--json', str(tmp_path / 'times.json'),
+    ])  # fmt: skip
+    printed = capsys.readouterr().out
+    for runner in ('eager', 'eager-bf16', 'onnxruntime', 'openvino', 'openvino-bf16'):
+        assert f'mlla_t {runner} ' in printed, printed
+    assert (tmp_path / 'mlla_t.onnx').exists() and (tmp_path / 'times.json').exists()
