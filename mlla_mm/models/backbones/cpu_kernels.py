@@ -260,7 +260,7 @@ def _(qk, out, table, heads) -> None:
 
 
 @register_flop_formula(torch.ops.mlla.attention_features)
-def _attention_features_flops(qk_shape, out_shape, table_shape, heads, *args, **kwargs) -> int:
+def _attention_features_flops(qk_shape, buffer_shape, table_shape, heads, **kwargs) -> int:
     """The normaliser ``q . mean(k)`` (a (1 x C) @ (C x N) product per image) and the mean."""
     b, n, _, c = qk_shape
     return 2 * b * n * c + b * n * c

@@ -492,18 +492,6 @@ def elu_plus_one_(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def rope_(qk: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """RoPE of q and k (B, h * w, 2, C) float32, in place, as one complex product."""
-    from .mlla import rope_tables
-
-    c = qk.shape[-1]
-    cos, sin = rope_tables(h, w, c, qk.device, qk.dtype)
-    table = torch.complex(cos, sin).reshape(h * w, 1, c // 2)
-    pairs = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))
-    pairs.mul_(table)
-    return qk
-
-
 _TABLES: dict = {}
 
 
@@ -555,9 +543,10 @@ def attention(attn: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     """``LinearAttention`` of tokens (B, H, W, C) in place, float32 out.
 
     ``ELU + 1``, rotation and the normaliser of q and k run as the custom operator
-    ``mlla::attention_features`` where the C kernels are built, else as in-place ATen ops; the
-    two products run per image on strided per-head views, each one batched GEMM over the heads
-    without a transpose copy; the output product accumulates into the float32 LePE.
+    ``mlla::attention_features`` where the C kernels are built; the two products run per image
+    on strided per-head views, each one batched GEMM over the heads without a transpose copy;
+    the output product accumulates into the float32 LePE. Without the C kernels ``ELU + 1``
+    runs in place here and the core is the reference :func:`~.mlla.linear_attention`.
     """
     b, h, w, c = x.shape
     n, heads = h * w, attn.num_heads
@@ -590,23 +579,18 @@ def attention_core_(
     def split(t):  # (N, C) -> (heads, N, d), a view
         return t.view(n, heads, d).transpose(0, 1)
 
-    if _c_kernels(qk, v, lepe):
-        out = qk if qk.dtype == torch.float32 else workspace('qk_features', qk, torch.float32)
-        rot = cpu_kernels.attention_features(qk, out, _rope_table(h, w, c, qk.device), heads)
-        scaled = [split(rot[i, :, 0]) for i in range(b)]
-    else:
+    if not _c_kernels(qk, v, lepe):  # no C compiler: ELU + 1 here, the reference core
+        from .mlla import linear_attention
+
         out = qk if qk.dtype == torch.float32 else workspace('elu_plus_one', qk, torch.float32)
-        qk = elu_plus_one_(qk, out)
-        k_mean = qk[:, :, 1].mean(1).view(b, heads, 1, d)
-        z = []  # (heads, N, 1) per image; as a (1 x d) @ (d x N) product: a fast GEMM shape
-        for i in range(b):
-            dots = torch.bmm(k_mean[i], split(qk[i, :, 0]).transpose(1, 2))  # (heads, 1, N)
-            z.append(dots.add_(1e-6).reciprocal_().transpose(1, 2))
-        rot = rope_(qk, h, w)
-        scaled = [split(rot[i, :, 0]).mul_(z[i]) for i in range(b)]
+        q, k = elu_plus_one_(qk, out).unbind(2)
+        return lepe.add_(linear_attention(q, k, v, h, w, heads))
+    # rotated q / normaliser and rotated k, fused; then the two products on per-head views
+    out = qk if qk.dtype == torch.float32 else workspace('qk_features', qk, torch.float32)
+    rot = cpu_kernels.attention_features(qk, out, _rope_table(h, w, c, qk.device), heads)
     for i in range(b):
         kv = torch.bmm(split(rot[i, :, 1]).transpose(1, 2), split(v[i])).mul_(1.0 / n)
-        split(lepe[i]).baddbmm_(scaled[i], kv)
+        split(lepe[i]).baddbmm_(split(rot[i, :, 0]), kv)
     return lepe
 
 

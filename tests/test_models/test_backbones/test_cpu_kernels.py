@@ -111,8 +111,8 @@ def test_environment_turns_the_kernels_off(fresh_loader, monkeypatch):
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('c, heads', [(24, 2), (12, 3), (16, 1)])
 def test_fused_core_matches_aten(monkeypatch, dtype, c, heads):
-    """ELU + 1, RoPE, the per-head normaliser: the same result as the ATen ops, for float32
-    and bf16 q/k, even and odd head widths."""
+    """ELU + 1, RoPE, the per-head normaliser: the same result as the reference core on ATen
+    ops, for float32 and bf16 q/k, even and odd head widths."""
     qk, v, lepe = core_inputs(c=c, dtype=dtype)
     calls = []
     real = cpu_kernels.attention_features
@@ -148,6 +148,7 @@ def test_kernels_are_custom_ops_the_dispatcher_sees():
     (``mlla::...``), their schemas and fake implementations pass ``torch.library.opcheck``, and
     they run on FakeTensors (shape propagation, as torch.compile does) without touching memory."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
 
     seen = []
 
@@ -170,6 +171,10 @@ def test_kernels_are_custom_ops_the_dispatcher_sees():
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=('test_schema', 'test_faketensor'))
+    counter = FlopCounterMode(display=False)
+    with counter:  # the formula of the normaliser's (1 x C) @ (C x N) products and the mean
+        cpu_kernels.attention_features(qk, torch.empty(qk.shape), table, 2)
+    assert counter.get_total_flops() == 3 * qk.shape[0] * qk.shape[1] * qk.shape[3]
     with FakeTensorMode() as mode:
         fake, fake_table = mode.from_tensor(qk), mode.from_tensor(table)
         out = cpu_kernels.attention_features(fake, torch.empty(qk.shape), fake_table, 2)
