@@ -22,7 +22,7 @@ EXTRAS = {
     'det': ['mmcv>=2.0.0rc4,<2.2.0', 'mmdet>=3.0.0,<3.4.0', 'pycocotools'],
     'seg': ['mmcv>=2.0.0rc4,<2.2.0', 'mmsegmentation>=1.0.0,<1.3.0', 'ftfy', 'regex'],
     'cls': ['mmcv>=2.0.0rc4,<2.2.0', 'mmpretrain>=1.0.0,<1.3.0'],
-    'deploy': ['onnx', 'onnxruntime', 'onnxscript'],
+    'deploy': ['onnx', 'onnxruntime', 'onnxscript', 'openvino', 'nncf'],
     'bench': ['matplotlib', 'psutil', 'timm'],
     'dev': ['pytest', 'ruff', 'scikit-image', 'matplotlib', 'psutil'],
 }
