@@ -130,49 +130,47 @@ CAPS = Capabilities.detect()
 # --------------------------------------------------------------------------------------------
 # The conditions, in one place
 # --------------------------------------------------------------------------------------------
-def _standard_types() -> dict:
-    """Exact module types the units know, with a check of their settings."""
-    from .mlla import (
-        ConvLayer,
-        DropPath,
-        LinearAttention,
-        MLLABlock,
-        Mlp,
-        PatchMerging,
-        Stem,
-    )
-
-    def conv_ok(m: nn.Conv2d) -> bool:
-        return m.padding_mode == 'zeros' and isinstance(m.padding, tuple)
-
-    def ln_ok(m: nn.LayerNorm) -> bool:
-        return m.weight is not None and m.bias is not None and len(m.normalized_shape) == 1
-
-    def bn_ok(m: nn.BatchNorm2d) -> bool:
-        return m.track_running_stats and m.running_var is not None
-
-    always = lambda m: True  # noqa: E731
-    return {
-        nn.Linear: always,
-        nn.Conv2d: conv_ok,
-        nn.LayerNorm: ln_ok,
-        nn.BatchNorm2d: bn_ok,
-        nn.ReLU: always,
-        nn.SiLU: always,
-        nn.GELU: lambda m: m.approximate == 'none',
-        nn.Identity: always,
-        nn.Sequential: always,
-        DropPath: always,
-        ConvLayer: always,
-        LinearAttention: always,
-        Mlp: always,
-        MLLABlock: always,
-        Stem: always,
-        PatchMerging: always,
-    }
+def _conv_ok(m: nn.Conv2d) -> bool:
+    return m.padding_mode == 'zeros' and isinstance(m.padding, tuple)
 
 
-_STANDARD: dict = {}
+def _ln_ok(m: nn.LayerNorm) -> bool:
+    return m.weight is not None and m.bias is not None and len(m.normalized_shape) == 1
+
+
+def _bn_ok(m: nn.BatchNorm2d) -> bool:
+    return m.track_running_stats and m.running_var is not None
+
+
+def _always(m: nn.Module) -> bool:
+    return True
+
+
+# The exact torch layer types the units know, with a check of their settings
+STANDARD_LAYERS = {
+    nn.Linear: _always,
+    nn.Conv2d: _conv_ok,
+    nn.LayerNorm: _ln_ok,
+    nn.BatchNorm2d: _bn_ok,
+    nn.ReLU: _always,
+    nn.SiLU: _always,
+    nn.GELU: lambda m: m.approximate == 'none',
+    nn.Identity: _always,
+    nn.Sequential: _always,
+}
+# and the backbone's own containers (by module and name: this file does not import the model)
+BACKBONE_MODULE = 'mlla_mm.models.backbones.mlla'
+BACKBONE_LAYERS = {
+    'ConvLayer', 'DropPath', 'LinearAttention', 'Mlp', 'MLLABlock', 'Stem', 'PatchMerging',
+}  # fmt: skip
+
+
+def _standard(m: nn.Module) -> bool:
+    kind = type(m)
+    check = STANDARD_LAYERS.get(kind)
+    if check is not None:
+        return check(m)
+    return kind.__module__ == BACKBONE_MODULE and kind.__qualname__ in BACKBONE_LAYERS
 
 
 def _global_hooks() -> bool:
@@ -241,11 +239,8 @@ def why_not_fast_path(module: nn.Module, x: torch.Tensor) -> str | None:
         )
     if _global_hooks():
         return 'global module hooks are registered'
-    if not _STANDARD:
-        _STANDARD.update(_standard_types())
     for name, m in module.named_modules():
-        check = _STANDARD.get(type(m))
-        if check is None or not check(m):
+        if not _standard(m):
             return f'{name or type(module).__name__} is a {type(m).__name__}, not a standard layer'
         if _has_hooks(m):
             return f'{name or type(module).__name__} has hooks'
