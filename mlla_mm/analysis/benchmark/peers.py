@@ -31,7 +31,7 @@ def _mlla_plain(arch: str) -> nn.Module:
     return plain
 
 
-def _swin_t() -> nn.Module:
+def _swin_t(**kwargs) -> nn.Module:
     from mmdet.models.backbones import SwinTransformer
 
     return SwinTransformer(
@@ -45,6 +45,7 @@ def _swin_t() -> nn.Module:
         patch_norm=True,
         out_indices=(0, 1, 2, 3),
         convert_weights=False,
+        **kwargs,
     )
 
 
@@ -81,6 +82,7 @@ PEERS: dict = {
     'mlla_s_plain': ('MLLA-S, plain transcription', lambda: _mlla_plain('small')),
     'mlla_b_plain': ('MLLA-B, plain transcription', lambda: _mlla_plain('base')),
     'swin_t': ('Swin-T (mmdet)', _swin_t),
+    'swin_t_cp': ('Swin-T (mmdet), with_cp=True', lambda: _swin_t(with_cp=True)),
     'convnext_t': ('ConvNeXt-T (mmpretrain)', _convnext_t),
     'resnet50': ('ResNet-50 (mmdet, or torchvision)', _resnet50),
     'vit_b16': ('ViT-B/16, global attention (mmpretrain)', _vit_b16),

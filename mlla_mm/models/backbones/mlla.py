@@ -203,6 +203,91 @@ def linear_attention(
     return (q_rope @ kv * z).transpose(1, 2).flatten(2)
 
 
+class _FeatureAttention(torch.autograd.Function):
+    """``linear_attention(ELU(q) + 1, ELU(k) + 1, v)`` saving only its inputs (memory-lean).
+
+    Autograd through :func:`linear_attention` keeps about eight (B, N, C) tensors per block (the
+    positive features, both rotations, the product before the normaliser, and at B > 1 copies
+    that fold the per-head views into a batch); this saves ``qk`` (the projection) and ``v``
+    only and recomputes the element-wise work in backward. The backward is the chain rule of
+    :func:`linear_attention`, per image (so per-head views need no copy): the state
+    ``kv = RoPE(k)^T v / N`` is d x d per head, so no N x N or wider tensor appears. Any
+    device; runs in ``dtype`` and returns gradients in the inputs' dtypes.
+    """
+
+    @staticmethod
+    def forward(ctx, qk, v, h, w, heads, dtype):
+        ctx.save_for_backward(qk, v)
+        ctx.grid = (h, w, heads, dtype)
+        q, k = _positive_features(qk.to(dtype)).unbind(2)
+        v = v.to(dtype)
+        out = torch.empty_like(v)
+        for i in range(v.shape[0]):  # per image: the per-head views fold without a copy
+            out[i] = linear_attention(q[i, None], k[i, None], v[i, None], h, w, heads)[0]
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        qk_in, v_in = ctx.saved_tensors
+        h, w, heads, dtype = ctx.grid
+        qk, v, grad = qk_in.to(dtype), v_in.to(dtype), grad.to(dtype)
+        features = _positive_features(qk)  # (B, N, 2, C): q and k
+        n, c = features.shape[1], features.shape[3]
+        cos, sin = (t.reshape(n, 1, c // 2) for t in rope_tables(h, w, c, qk.device, dtype))
+        rotated = apply_rope(features, cos, sin)  # q and k rotated at once
+        grad_rotated = torch.empty_like(rotated)
+        grad_features, grad_v = torch.empty_like(features), torch.empty_like(v)
+
+        def split(t):  # (N, C) -> (heads, N, d), a view
+            return t.unflatten(-1, (heads, -1)).transpose(0, 1)
+
+        for i in range(qk.shape[0]):  # per image: the per-head views fold without a copy
+            qh, kh = (split(t) for t in features[i].unbind(1))
+            q_rope, k_rope = (split(t) for t in rotated[i].unbind(1))
+            vh, gh = split(v[i]), split(grad[i])
+            k_mean = kh.mean(dim=1, keepdim=True)  # (heads, 1, d)
+            z = 1.0 / (qh @ k_mean.transpose(-2, -1) + 1e-6)  # (heads, N, 1)
+            kv = (k_rope.transpose(-2, -1) @ vh) * (1.0 / n)  # (heads, d, d)
+            # out = (q_rope @ kv) * z with z = 1 / s, s = q . k_mean + 1e-6
+            g = gh * z
+            grad_s = (gh * (q_rope @ kv)).sum(-1, keepdim=True).mul_(z).mul_(z).neg_()
+            grad_kv = (q_rope.transpose(-2, -1) @ g) * (1.0 / n)  # with kv's 1 / N
+            grad_q_rope, grad_k_rope = (split(t) for t in grad_rotated[i].unbind(1))
+            torch.matmul(g, kv.transpose(-2, -1), out=grad_q_rope)
+            torch.matmul(vh, grad_kv.transpose(-2, -1), out=grad_k_rope)
+            torch.matmul(k_rope, grad_kv, out=split(grad_v[i]))
+            grad_q, grad_k = (split(t) for t in grad_features[i].unbind(1))
+            torch.mul(grad_s, k_mean, out=grad_q)  # through the normaliser
+            grad_k.copy_((grad_s.transpose(-2, -1) @ qh) * (1.0 / n))  # through mean(k)
+        # RoPE is a rotation: its transpose rotates back (apply_rope with -sin)
+        grad_features += apply_rope(grad_rotated, cos, -sin)
+        grad_qk = torch.ops.aten.elu_backward(grad_features.flatten(2), 1.0, 1, 1, False, qk)
+        return grad_qk.to(qk_in.dtype), grad_v.to(v_in.dtype), None, None, None, None
+
+
+def feature_attention(
+    qk: torch.Tensor, v: torch.Tensor, h: int, w: int, heads: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """:func:`linear_attention` of ``q, k = ELU(qk) + 1`` and ``v``, in ``dtype``.
+
+    Where autograd records (training), outside tracing and compiling, it runs as
+    :class:`_FeatureAttention`, which saves only ``qk`` and ``v``; otherwise (inference,
+    ``torch.compile``/export, which plan their own graph) the ops of :func:`linear_attention`.
+    Same values either way.
+    """
+    if torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad) and not _tracing():
+        return _FeatureAttention.apply(qk, v, h, w, heads, dtype)
+    q, k = _positive_features(qk.to(dtype)).unbind(2)
+    return linear_attention(q, k, v.to(dtype), h, w, heads)
+
+
+def _positive_features(qk: torch.Tensor) -> torch.Tensor:
+    """``ELU + 1`` of the q/k projection (B, N, 2C) -> (B, N, 2, C): q and k along dim 2."""
+    b, n, c2 = qk.shape
+    return (F.elu(qk) + 1.0).view(b, n, 2, c2 // 2)
+
+
 # --------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------
@@ -349,8 +434,8 @@ class LinearAttention(nn.Module):
         lepe = nhwc_conv(self.lepe, x)
         with torch.autocast(x.device.type, enabled=False):
             dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-            q, k = (F.elu(qk.to(dtype)) + 1.0).view(b, h * w, 2, c).unbind(2)
-            out = linear_attention(q, k, x.to(dtype).view(b, h * w, c), h, w, self.num_heads)
+            qk, v = qk.view(b, h * w, 2 * c), x.view(b, h * w, c)
+            out = feature_attention(qk, v, h, w, self.num_heads, dtype)
             return out.view(b, h, w, c) + lepe.to(dtype)
 
     def extra_repr(self) -> str:

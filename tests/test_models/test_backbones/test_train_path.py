@@ -1,0 +1,137 @@
+"""Exact gradients of the training step (issue 20): the memory-lean attention core
+(:class:`mlla_mm.models.backbones.mlla._FeatureAttention`) against the plain transcription, in
+float64, for every parameter and the input, in every backbone mode."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mlla_mm import MLLA
+from mlla_mm.models.backbones import mlla as mlla_module
+from mlla_mm.testing import TINY_ARCH, PlainMLLA
+
+TOL = 1e-10
+
+
+def _pair(**kwargs):
+    torch.manual_seed(0)
+    model = MLLA(arch=TINY_ARCH, **kwargs)
+    model.init_weights()
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    with torch.no_grad():  # trained-like residual branches (the init makes them tiny)
+        for name, p in model.named_parameters():
+            if name.endswith(('out_proj.weight', 'fc2.weight')):
+                p.normal_(0, 0.2, generator=g)
+    return model.double()
+
+
+def _step(model, x, seed=0):
+    """Outputs' weighted sum backward; returns the gradients of every parameter and the input."""
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)  # the same drop-path draws
+    outs = model(x)
+    g = torch.Generator().manual_seed(2)
+    sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads['input'] = x.grad
+    for p in model.parameters():
+        p.grad = None
+    return outs, grads
+
+
+def _assert_exact(grads, grads_ref):
+    assert set(grads) == set(grads_ref)
+    scale = torch.stack([g.norm() for g in grads_ref.values()]).median()
+    for name, g in grads.items():
+        ref = grads_ref[name]
+        if ref.norm() <= 1e-12 * scale:
+            # a conv bias right before a training-mode BatchNorm: zero gradient in real numbers
+            assert g.norm() <= 1e-12 * scale and ref.norm() <= 1e-12 * scale, name
+            continue
+        err = ((g - ref).norm() / ref.norm()).item()
+        assert err <= TOL, (name, err)
+
+
+@pytest.mark.parametrize(
+    'kwargs',
+    [
+        dict(),
+        dict(frozen_stages=1),
+        dict(with_cp=True),
+        dict(norm_eval=True),
+    ],
+    ids=['default', 'frozen_stages', 'with_cp', 'norm_eval'],
+)
+def test_float64_gradients_match_the_plain_transcription(kwargs):
+    model = _pair(drop_path_rate=0.0, **kwargs).train()
+    ref = PlainMLLA(**TINY_ARCH).double()
+    ref.load_state_dict(model.state_dict())
+    ref.train()
+    if kwargs.get('norm_eval'):
+        for m in ref.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+    if kwargs.get('frozen_stages'):  # the same frozen parameters and eval-mode layers
+        for name, p in ref.named_parameters():
+            p.requires_grad = dict(model.named_parameters())[name].requires_grad
+        ref.patch_embed.eval(), ref.layers[0].eval(), ref.norm0.eval()
+    x = torch.randn(2, 3, 45, 61, dtype=torch.float64)
+    outs, grads = _step(model, x)
+    outs_ref, grads_ref = _step(ref, x)
+    for o, r in zip(outs, outs_ref):
+        assert ((o - r).norm() / r.norm()).item() <= TOL
+    _assert_exact(grads, grads_ref)
+    for (name, b), (_, b_ref) in zip(model.named_buffers(), ref.named_buffers()):
+        assert torch.allclose(b.double(), b_ref.double(), rtol=1e-12, atol=1e-12), name
+
+
+def test_float64_gradients_with_drop_path_match_autograd_through_the_reference(monkeypatch):
+    """Drop path (absent from the plain transcription): the same draws, against autograd
+    through :func:`linear_attention` itself."""
+    model = _pair(drop_path_rate=0.3).train()
+    x = torch.randn(2, 3, 45, 61, dtype=torch.float64)
+    _, grads = _step(model, x, seed=5)
+    monkeypatch.setattr(mlla_module, '_tracing', lambda: True)  # the plain ops, no Function
+    _, grads_ref = _step(model, x, seed=5)
+    _assert_exact(grads, grads_ref)
+
+
+def test_attention_core_saves_only_its_inputs():
+    """In training the attention core keeps ``qk`` and ``v`` (already kept by the projection),
+    nothing of (B, N, C) size of its own."""
+    torch.manual_seed(0)
+    attn = mlla_module.LinearAttention(32, 2).train()
+    x = torch.randn(2, 12, 20, 32, requires_grad=True)
+    qk = attn.qk(x)
+    sizes = []
+
+    def pack(t):
+        sizes.append((t.untyped_storage().data_ptr(), t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mlla_module.feature_attention(qk.view(2, 240, 64), x.view(2, 240, 32), 12, 20, 2, x.dtype)
+    inputs = {qk.untyped_storage().data_ptr(), x.untyped_storage().data_ptr()}
+    assert {p for p, _ in sizes} == inputs
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_attention_core_under_autocast_saves_the_half_inputs(dtype):
+    torch.manual_seed(0)
+    qk = torch.randn(2, 240, 64, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, 240, 32, dtype=dtype, requires_grad=True)
+    out = mlla_module.feature_attention(qk, v, 12, 20, 2, torch.float32)
+    assert out.dtype == torch.float32
+    out.square().sum().backward()
+    q32, v32 = qk.detach().float().requires_grad_(), v.detach().float().requires_grad_()
+    q, k = mlla_module._positive_features(q32).unbind(2)
+    mlla_module.linear_attention(q, k, v32, 12, 20, 2).square().sum().backward()
+    assert qk.grad.dtype == dtype and v.grad.dtype == dtype
+    assert torch.allclose(qk.grad.float(), q32.grad, rtol=1e-2, atol=1e-2)
+    assert torch.allclose(v.grad.float(), v32.grad, rtol=1e-2, atol=1e-2)
