@@ -10,7 +10,8 @@ whatever Python code issued it, and labels each by the module it runs in:
 
 * ``conv``: convolutions;
 * ``linear``: matrix products with a weight parameter: ``nn.Linear`` layers, fused linear ops and
-  1x1 convolutions that run as GEMMs over the tokens (MLLA's stem and patch merging);
+  1x1 convolutions (per-token linear maps: MLLA's stem and patch merging), whether they run as
+  convolutions or as GEMMs over the tokens;
 * ``attention``: matrix products inside a module whose class name names attention
   (``Attention``: MLLA's linear attention, ViT's softmax attention; ``MSA``: Swin's window
   attention), excluding its ``nn.Linear`` children;
@@ -50,6 +51,20 @@ __all__ = [
 
 _ATTENTION_NAMES = ('Attention', 'MSA')
 _CONV_WORDS = ('conv',)
+_GROUPS_ARG = {'convolution': 8, '_convolution_pointwise': 6, '_convolution_pointwise_': 7}
+
+
+def _pointwise_conv(name: str, args) -> bool:
+    """A dense 1x1 convolution (a per-token linear map)."""
+    base = name.split('.')[-1]
+    index = _GROUPS_ARG.get(base)
+    if index is None or len(args) <= index:
+        return False
+    weight = args[2] if base == '_convolution_pointwise_' else args[1]
+    kernel = tuple(weight.shape[-2:]) if isinstance(weight, torch.Tensor) else None
+    return kernel == (1, 1) and args[index] == 1
+
+
 _SDPA_WORDS = ('scaled_dot_product', 'flash_attention', 'efficient_attention', 'flex_attention')
 
 
@@ -167,7 +182,7 @@ class _MacCounter(TorchDispatchMode):
     def _kind(self, packet, args) -> str:
         name = str(packet)
         if any(w in name for w in _CONV_WORDS):
-            return 'conv'
+            return 'linear' if _pointwise_conv(name, args) else 'conv'
         if any(w in name for w in _SDPA_WORDS):
             return 'attention'
         if 'linear' in name or (self.stack and isinstance(self.stack[-1], nn.Linear)):
