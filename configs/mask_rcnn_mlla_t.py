@@ -1,25 +1,14 @@
 # Mask R-CNN + FPN with an MLLA-T backbone on COCO, 1x schedule (12 epochs), as the official
 # LeapLabTHU/MLLA downstream/detection/configs/mlla/mlla_t_mrcnn_1x.py, in mmdet 3.x terms.
 # Only what differs from mmdet's ResNet-50 config is written here.
-_base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
+_base_ = [
+    'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
+    './_base_/models/mlla_t.py',  # mlla_backbone: the MLLA-T backbone dict
+]
 custom_imports = dict(imports=['mlla_mm'], allow_failed_imports=False)
 
-# The official ImageNet-1k checkpoint (MLLA_T.pth, see README); change it with
-# --cfg-options model.backbone.init_cfg.checkpoint=PATH (or init_cfg=None to train from scratch).
-# map_cls_norm=False: as the official backbone, which loads it with strict=False, the
-# classifier's final `norm` is not loaded (norm0..norm3 start as LayerNorm 1/0).
-pretrained = 'checkpoints/MLLA_T.pth'
 model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='mlla_mm.MLLA',
-        arch='tiny',
-        drop_path_rate=0.1,
-        out_indices=(0, 1, 2, 3),
-        with_cp=False,
-        map_cls_norm=False,
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained),
-    ),
+    backbone=dict(_base_.mlla_backbone, _delete_=True, drop_path_rate=0.1),
     neck=dict(in_channels=[64, 128, 256, 512]),
 )
 

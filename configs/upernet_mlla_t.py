@@ -10,25 +10,14 @@
 # test at 2048x512, UperNet/FCN heads on stages 0-3 / 2), so only the backbone, the heads' input
 # channels and the no-decay keys differ. The ResNet-50 config would also need the optimiser,
 # the schedule and the batch size rewritten.
-_base_ = 'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py'
+_base_ = [
+    'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py',
+    './_base_/models/mlla_t.py',  # mlla_backbone: the MLLA-T backbone dict
+]
 custom_imports = dict(imports=['mlla_mm'], allow_failed_imports=False)
 
-# The official ImageNet-1k checkpoint (MLLA_T.pth, see README); change it with
-# --cfg-options model.backbone.init_cfg.checkpoint=PATH (or init_cfg=None to train from scratch).
-# map_cls_norm=False: as the official backbone, which loads it with strict=False, the
-# classifier's final `norm` is not loaded (norm0..norm3 start as LayerNorm 1/0).
-pretrained = 'checkpoints/MLLA_T.pth'
 model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='mlla_mm.MLLA',
-        arch='tiny',
-        drop_path_rate=0.2,
-        out_indices=(0, 1, 2, 3),
-        with_cp=False,
-        map_cls_norm=False,
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained),
-    ),
+    backbone=dict(_base_.mlla_backbone, _delete_=True),
     decode_head=dict(in_channels=[64, 128, 256, 512]),
     # FCN auxiliary head on stage 3 (index 2), loss weight 0.4 (inherited).
     auxiliary_head=dict(in_channels=256),
