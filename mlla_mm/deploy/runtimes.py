@@ -203,7 +203,9 @@ def benchmark_models(
     interleaved (:func:`time_runners`).
 
     Args:
-        models: Name -> module (image batch -> tensor or tuple of tensors), eval mode.
+        models: Name -> module (image batch -> tensor or tuple of tensors), eval mode: a
+            backbone, or a whole model of :func:`~mlla_mm.deploy.wrappers.build_whole_model`
+            (Mask R-CNN: one image, random pixels here).
         shape: (H, W) of the input.
         runtimes: Entries of :data:`RUNTIMES` (int8 ones need ``<work_dir>/<name>_int8.onnx``).
         work_dir: Where the ONNX files are written (``<name>.onnx``, unless the file exists):
@@ -228,14 +230,22 @@ def benchmark_models(
         for suffix, path in files.items():
             if not os.path.exists(path) and any(RUNTIMES[r][0] != 'torch' for r in runtimes):
                 log(f'exporting {name}{suffix} to {path}')
-                if _has_mlla(model):
-                    export_onnx(export_friendly(model) if optimize and not suffix else model, path)
+                exported = export_friendly(model) if optimize and not suffix else model
+                if type(model).__name__ == 'MaskRCNNGraph':  # one image, dynamic size
+                    from mlla_mm.deploy.mask_rcnn_export import export_detector_onnx
+
+                    export_detector_onnx(exported, path)
+                elif _has_mlla(model):
+                    export_onnx(exported, path)
                 else:  # peers (mmdet's Swin) trace sizes as constants: export at the timed size
                     _export_static(model, path, shape)
         for runtime in runtimes:
             onnx_file = files['']
             if RUNTIMES[runtime][1] == 'int8':
                 onnx_file = os.path.join(work_dir, f'{name}_int8.onnx')
+                if not os.path.exists(onnx_file):
+                    log(f'{name} {runtime}: no {onnx_file} (tools/deployment/quantize_int8.py)')
+                    continue
             runners[f'{name} {runtime}'] = make_runner(runtime, model, onnx_file, threads)
         if plain:
             runners[f'{name} onnxruntime (plain export)'] = make_runner(

@@ -23,6 +23,7 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 from mlla_mm.analysis.benchmark.measure import parse_size
 from mlla_mm.analysis.benchmark.peers import ARCH_ALIASES, PEERS, build_peer
+from mlla_mm.deploy import build_whole_model
 from mlla_mm.deploy.runtimes import RUNTIMES, benchmark_models, describe_cpu, summarise
 from mlla_mm.utils.command_line import user_errors
 
@@ -32,8 +33,16 @@ DEFAULT_RUNTIMES = ['eager', 'eager-bf16', 'onnxruntime', 'openvino', 'openvino-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        '--models', nargs='+', default=['mlla_t', 'swin_t'], help=f'of {sorted(PEERS)}'
+        '--models', nargs='*', default=['mlla_t', 'swin_t'], help=f'of {sorted(PEERS)}'
     )
+    parser.add_argument(
+        '--config',
+        nargs='+',
+        default=[],
+        help='also whole models of these configs (segmentor -> logits, Mask R-CNN -> detections; '
+        'random weights unless --checkpoint)',
+    )
+    parser.add_argument('--checkpoint', nargs='+', default=[], help='one per --config')
     parser.add_argument('--size', default='1280x800', help='WIDTHxHEIGHT of the input')
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--runtimes', nargs='+', default=DEFAULT_RUNTIMES, choices=sorted(RUNTIMES))
@@ -54,6 +63,11 @@ def main(argv=None):
     args = parse_args(argv)
     shape = parse_size(args.size)
     models = {name: build_peer(ARCH_ALIASES.get(name, name)) for name in args.models}
+    for i, config in enumerate(args.config):
+        checkpoint = args.checkpoint[i] if i < len(args.checkpoint) else None
+        models[os.path.splitext(os.path.basename(config))[0]] = build_whole_model(
+            config, checkpoint
+        )
     for model in models.values():
         model.eval()  # (mmdet's SwinTransformer.train returns None)
     print(f'CPU: {describe_cpu()}; {args.threads} threads; input 1x3x{shape[0]}x{shape[1]}')
