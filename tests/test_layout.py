@@ -96,18 +96,13 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 NEW_MODULES = [m for m in _modules() if m not in OLD_PATHS and m != 'mlla_mm._deprecated']
-# Being restructured by issue 19 (its own tests cover it): left out of the two checks below until
-# then. Today mlla.py still imports the old path mlla_mm.safe_load (the shim stays silent for
-# mlla_mm's own imports), and mlla.py and fast_path.py import each other inside functions.
-IN_PROGRESS = 'mlla_mm.models.backbones'
-CHECKED = [m for m in NEW_MODULES if not m.startswith(IN_PROGRESS)]
 
 
 def test_import_graph_has_no_cycle():
     """No cycle among the modules, counting imports inside functions too. Edges into a package's
     ``__init__`` (``import mlla_mm`` for its registrations) are left out: Python imports the
     parent package first in any case; the module-level graph is checked with them."""
-    everything = {m: _imports(m, top_level_only=False) for m in CHECKED}
+    everything = {m: _imports(m, top_level_only=False) for m in NEW_MODULES}
     packages = {m for m in NEW_MODULES if (PACKAGE.parent / m.replace('.', '/')).is_dir()}
     no_init = {m: {d for d in deps if d not in packages} for m, deps in everything.items()}
     assert _cycle(no_init) is None, _cycle(no_init)
@@ -116,7 +111,7 @@ def test_import_graph_has_no_cycle():
 
 
 def test_library_code_never_imports_the_tools_or_old_paths():
-    for module in CHECKED:
+    for module in NEW_MODULES:
         deps = _imports(module, top_level_only=False)
         assert not deps & set(OLD_PATHS), (module, deps & set(OLD_PATHS))
         path = PACKAGE.parent / module.replace('.', '/')

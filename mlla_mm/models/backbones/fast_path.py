@@ -490,11 +490,9 @@ def elu_plus_one_(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 _TABLES: dict = {}
 
 
-def _rope_table(h: int, w: int, c: int, device) -> torch.Tensor:
+def _rope_table(rope_tables, h: int, w: int, c: int, device) -> torch.Tensor:
     """(N, C / 2, 2) float32 (cos, sin) table for :func:`cpu_kernels.attention_features`,
     cached per grid (it depends on nothing else)."""
-    from .mlla import rope_tables
-
     key = (h, w, c, torch.device(device))
     table = _TABLES.get(key)
     if table is None:
@@ -550,11 +548,19 @@ def attention(attn: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     lepe = dwconv_nhwc(v, attn.lepe, torch.float32, scratch='attn').reshape(b, n, c)
     v = v.view(b, n, c)
     with torch.autocast('cpu', enabled=False):  # the core runs in float32
-        return attention_core_(qk, v, lepe, h, w, heads).view(b, h, w, c)
+        core = attention_core_(qk, v, lepe, h, w, heads, attn.rope_tables, attn.core)
+        return core.view(b, h, w, c)
 
 
 def attention_core_(
-    qk: torch.Tensor, v: torch.Tensor, lepe: torch.Tensor, h: int, w: int, heads: int
+    qk: torch.Tensor,
+    v: torch.Tensor,
+    lepe: torch.Tensor,
+    h: int,
+    w: int,
+    heads: int,
+    rope_tables,
+    reference,
 ) -> torch.Tensor:
     """:func:`~mlla_mm.models.backbones.mlla.linear_attention` of ``ELU(qk) + 1`` in place,
     accumulated into ``lepe``.
@@ -564,6 +570,8 @@ def attention_core_(
         v: (B, N, C) float32 values.
         lepe: (B, N, C) float32 LePE of the values (the output is accumulated into it).
         h, w: The token grid; heads: number of heads.
+        rope_tables, reference: The model's :func:`~.mlla.rope_tables` and
+            :func:`~.mlla.linear_attention` (``LinearAttention.rope_tables``/``.core``).
 
     Returns:
         Tensor: ``lepe``, now LePE(v) plus the attention output.
@@ -575,14 +583,13 @@ def attention_core_(
         return t.view(n, heads, d).transpose(0, 1)
 
     if not _c_kernels(qk, v, lepe):  # no C compiler: ELU + 1 here, the reference core
-        from .mlla import linear_attention
-
         out = qk if qk.dtype == torch.float32 else workspace('elu_plus_one', qk, torch.float32)
         q, k = elu_plus_one_(qk, out).unbind(2)
-        return lepe.add_(linear_attention(q, k, v, h, w, heads))
+        return lepe.add_(reference(q, k, v, h, w, heads))
     # rotated q / normaliser and rotated k, fused; then the two products on per-head views
     out = qk if qk.dtype == torch.float32 else workspace('qk_features', qk, torch.float32)
-    rot = cpu_kernels.attention_features(qk, out, _rope_table(h, w, c, qk.device), heads)
+    table = _rope_table(rope_tables, h, w, c, qk.device)
+    rot = cpu_kernels.attention_features(qk, out, table, heads)
     for i in range(b):
         kv = torch.bmm(split(rot[i, :, 1]).transpose(1, 2), split(v[i])).mul_(1.0 / n)
         split(lepe[i]).baddbmm_(split(rot[i, :, 0]), kv)

@@ -40,7 +40,7 @@ from mmengine.model.weight_init import PretrainedInit, trunc_normal_
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mlla_mm.registry import MODELS
-from mlla_mm.safe_load import check_checkpoint_file
+from mlla_mm.utils.safe_load import check_checkpoint_file
 
 from . import fast_path
 
@@ -416,6 +416,11 @@ class LinearAttention(nn.Module):
     The core (``ELU + 1`` and the products) runs in float32 for half/bf16 input, with autocast
     off, as timm's EfficientViT does for its linear attention.
     """
+
+    # the model's RoPE tables and reference core, as the fused path (which does not import this
+    # file) takes them
+    rope_tables = staticmethod(rope_tables)
+    core = staticmethod(linear_attention)
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
         super().__init__()

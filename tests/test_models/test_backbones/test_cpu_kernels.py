@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mlla_mm import MLLA
-from mlla_mm.models.backbones import cpu_kernels
+from mlla_mm.models.backbones import cpu_kernels, mlla
 from mlla_mm.models.backbones import fast_path as ops
 from mlla_mm.testing import TINY_ARCH, PlainMLLA, rel_err
 
+REFERENCE = (mlla.rope_tables, mlla.linear_attention)
 needs_cc = pytest.mark.skipif(
     shutil.which(os.environ.get('CC') or 'cc') is None, reason='no C compiler here'
 )
@@ -43,7 +44,7 @@ def fresh_loader(monkeypatch, tmp_path):
 def core(qk, v, lepe, h, w, heads):
     """The fast path's attention core on copies, so that both paths see the same inputs."""
     with torch.no_grad():
-        return ops.attention_core_(qk.clone(), v, lepe.clone(), h, w, heads)
+        return ops.attention_core_(qk.clone(), v, lepe.clone(), h, w, heads, *REFERENCE)
 
 
 def core_inputs(b=2, h=7, w=9, c=24, dtype=torch.float32, seed=0):
@@ -161,7 +162,7 @@ def test_kernels_are_custom_ops_the_dispatcher_sees():
     with Watch():
         core(qk, v, lepe, 7, 9, 2)
     assert 'mlla.attention_features' in seen and 'aten.baddbmm_' in seen
-    table = ops._rope_table(7, 9, 24, 'cpu')
+    table = ops._rope_table(mlla.rope_tables, 7, 9, 24, 'cpu')
     y, g = torch.randn(4, 24), torch.randn(4, 24)
     cases = [
         (torch.ops.mlla.attention_features.default, (qk, torch.empty(qk.shape), table, 2)),
