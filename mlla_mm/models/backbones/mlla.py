@@ -17,7 +17,8 @@ pruning and FLOP counters see and change what runs. The stem, each patch merging
 also has a fused CPU inference path (:mod:`.fast_path`), taken as a whole unit when the
 conditions of :func:`.fast_path.why_not_fast_path` hold (no autograd, eval mode, CPU, the
 standard layer types without hooks, no dispatch mode...) and giving the same result; otherwise
-the plain forward below runs. ``MLLA(fast_path=False)`` never takes it. OpenMMLab backbone
+the plain forward below runs. In training the MLP keeps only GELU's input under the same kind
+of conditions (:mod:`.train_path`). ``MLLA(fast_path=False)`` takes neither. OpenMMLab backbone
 arguments: ``out_indices``, ``frozen_stages``, ``norm_eval``, ``with_cp``, ``init_cfg`` and
 ``get_layer_depth`` for layer-wise learning-rate decay.
 """
@@ -42,7 +43,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mlla_mm.registry import MODELS
 from mlla_mm.utils.safe_load import check_checkpoint_file
 
-from . import fast_path
+from . import fast_path, train_path
 
 __all__ = [
     'MLLA',
@@ -397,15 +398,18 @@ class PatchMerging(nn.Module):
 
 
 class Mlp(nn.Module):
-    """``fc2(GELU(fc1(x)))``."""
+    """``fc2(GELU(fc1(x)))`` (in training a memory-lean unit, :mod:`.train_path`)."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
+        self.use_fast_path = True  # see train_path.why_not_train_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_fast_path and train_path.why_not_train_path(self, x) is None:
+            return train_path.mlp_forward(self, x)  # keeps GELU's input only
         return self.fc2(self.act(self.fc1(x)))
 
 

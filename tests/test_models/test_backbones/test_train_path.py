@@ -135,3 +135,46 @@ def test_attention_core_under_autocast_saves_the_half_inputs(dtype):
     assert qk.grad.dtype == dtype and v.grad.dtype == dtype
     assert torch.allclose(qk.grad.float(), q32.grad, rtol=1e-2, atol=1e-2)
     assert torch.allclose(v.grad.float(), v32.grad, rtol=1e-2, atol=1e-2)
+
+
+def _saved_bytes(fn, *args) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn(*args)`` runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(storages.values())
+
+
+def test_mlp_unit_keeps_only_gelu_input_and_gives_the_module_result():
+    """In training the MLP keeps GELU's input (4C) and its own input, not GELU's output too;
+    same outputs and gradients as the module forward, which a hook on fc2 selects."""
+    from mlla_mm.models.backbones import train_path
+
+    torch.manual_seed(0)
+    mlp = mlla_module.Mlp(16, 64).double()
+    x = torch.randn(2, 9, 11, 16, dtype=torch.float64, requires_grad=True)
+    assert train_path.why_not_train_path(mlp, x) is None
+    lean = _saved_bytes(mlp, x)
+    out = mlp(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *mlp.parameters()])
+    handle = mlp.fc2.register_forward_hook(lambda *a: None)
+    assert train_path.why_not_train_path(mlp, x) == 'fc2 has hooks'
+    plain = _saved_bytes(mlp, x)
+    ref = mlp(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *mlp.parameters()])
+    handle.remove()
+    assert torch.equal(out, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-14)
+    tokens = x.numel() // 16
+    assert lean == (16 + 64) * tokens * 8 + (16 * 64 + 64 * 16) * 8  # x, GELU input, weights
+    assert plain == lean + 64 * tokens * 8  # GELU's output too
+    with torch.no_grad():
+        assert train_path.why_not_train_path(mlp, x) == 'autograd is not recording'
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert train_path.why_not_train_path(mlp, x) == 'autocast is on'
