@@ -213,6 +213,8 @@ def why_not_fast_path(module: nn.Module, x: torch.Tensor) -> str | None:
 
     The conditions are listed in this module's docstring; the first that fails is named.
     """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return 'the forward is traced, compiled or exported'
     if not getattr(module, 'use_fast_path', True):
         return 'the fast path is switched off (fast_path=False)'
     params = list(module.parameters())
@@ -220,8 +222,6 @@ def why_not_fast_path(module: nn.Module, x: torch.Tensor) -> str | None:
         return 'autograd is recording (grad mode on and a tensor requires grad)'
     if module.training:
         return 'the module is in training mode'
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return 'the forward is traced, compiled or exported'
     if x.device.type != 'cpu':
         return f'the input is on {x.device.type}, not the CPU'
     if type(x) is not torch.Tensor or any(type(p) is not nn.Parameter for p in params):

@@ -30,13 +30,13 @@ __all__ = ['MlpFunction', 'mlp_forward', 'why_not_train_path']
 
 def why_not_train_path(module: nn.Module, x: torch.Tensor) -> str | None:
     """Why ``module`` cannot take its training unit on ``x`` now, or None if it can."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return 'the forward is traced, compiled or exported'
     if not getattr(module, 'use_fast_path', True):
         return 'the fast path is switched off (fast_path=False)'
     params = list(module.parameters())
     if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params)):
         return 'autograd is not recording'
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return 'the forward is traced, compiled or exported'
     if torch.is_autocast_enabled(x.device.type):
         return 'autocast is on'
     if type(x) is not torch.Tensor or any(type(p) is not nn.Parameter for p in params):
