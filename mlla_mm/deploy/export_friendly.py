@@ -41,7 +41,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from mlla_mm.models.backbones.mlla import MLLA, ConvLayer, MLLABlock, MLLAStage
 
-__all__ = ['ExportBlock', 'ExportStage', 'export_friendly', 'rope_head_tables']
+__all__ = ['FULL_WIDTH_HEADS', 'ExportBlock', 'ExportStage', 'export_friendly', 'rope_head_tables']
+
+#: Stages with at most this many heads compute the attention products for all heads at once
+#: (:meth:`ExportBlock._attention_full_width`); more heads use the per-head layout.
+FULL_WIDTH_HEADS = 4
 
 
 def rope_head_tables(
@@ -110,7 +114,15 @@ class ExportBlock(nn.Module):
         self.dwc, self.act, self.mlp, self.lepe = block.dwc, block.act, block.mlp, attn.lepe
         self.q = _linear(attn.qk, slice(0, self.dim))
         self.k = _linear(attn.qk, slice(self.dim, 2 * self.dim))
-        self.register_buffer('swap', _pair_swap(self.dim // self.heads), persistent=False)
+        d = self.dim // self.heads
+        self.register_buffer('swap', _pair_swap(d), persistent=False)
+        # few heads: all heads in one full-width product, masked to the diagonal blocks (heads
+        # times the product FLOPs, but no transposes of q, k, v and the output to the per-head
+        # layout, which cost more where the token tensors are largest: stages 0 and 1)
+        self.full_width = self.heads <= FULL_WIDTH_HEADS
+        head = torch.arange(self.dim) // d
+        self.register_buffer('same_head', (head[:, None] == head[None, :]).float(), False)
+        self.register_buffer('swap_full', _pair_swap(self.dim), persistent=False)
 
     def forward(self, x: torch.Tensor, b, h, w, cos: torch.Tensor, sin: torch.Tensor):
         """Tokens ``(B * H * W, C)`` -> the same; ``cos``/``sin`` from :func:`rope_head_tables`."""
@@ -129,6 +141,9 @@ class ExportBlock(nn.Module):
         k = F.elu(self.k(a)) + 1.0
         lepe = _conv_nhwc(self.lepe, a, b, h, w)
 
+        if self.full_width:
+            return self._attention_full_width(q, k, a, b, n, cos, sin) + lepe
+
         def split(t):  # (B * N, C) -> (B, heads, N, d)
             return t.reshape(b, n, heads, c // heads).transpose(1, 2)
 
@@ -141,6 +156,19 @@ class ExportBlock(nn.Module):
         kv = kv * (1.0 / n)
         out = ((q * cos) @ kv + (q * sin) @ (self.swap @ kv)) * z
         return out.transpose(1, 2).reshape(-1, c) + lepe
+
+    def _attention_full_width(self, q, k, v, b, n, cos, sin) -> torch.Tensor:
+        """:meth:`_attention` without the per-head layout (``cos``/``sin``: ``(N, C)``)."""
+        c, heads = self.dim, self.heads
+        q, k, v = q.reshape(b, n, c), k.reshape(b, n, c), v.reshape(b, n, c)
+        ones = torch.ones(b, 1, n, dtype=k.dtype, device=k.device)
+        k_mean = (ones @ k * (1.0 / n)).transpose(-2, -1)  # (B, C, 1)
+        per_head = self.same_head[:, :: c // heads]  # (C, heads): channel in head
+        z = 1.0 / (q @ (k_mean * per_head) + 1e-6)  # (B, N, heads)
+        kv = (k * cos).transpose(-2, -1) @ v + self.swap_full @ ((k * sin).transpose(-2, -1) @ v)
+        kv = kv * (self.same_head * (1.0 / n))  # (B, C, C), block diagonal
+        out = (q * cos) @ kv + (q * sin) @ (self.swap_full @ kv)
+        return (out.reshape(b, n, heads, c // heads) * z.unsqueeze(-1)).reshape(-1, c)
 
 
 class ExportStage(nn.Module):
@@ -158,10 +186,12 @@ class ExportStage(nn.Module):
             return x
         b, h, w, c = x.shape
         first = self.blocks[0]
-        cos, sin = rope_head_tables(h, w, c, first.heads, x)
+        tables = rope_head_tables(h, w, c, first.heads, x)
+        if first.full_width:  # (heads, N, d) -> (N, C)
+            tables = tuple(t.transpose(0, 1).reshape(h * w, c) for t in tables)
         t = x.reshape(-1, c)
         for block in self.blocks:
-            t = block(t, b, h, w, cos, sin)
+            t = block(t, b, h, w, *tables)
         return t.reshape(b, h, w, c)
 
 

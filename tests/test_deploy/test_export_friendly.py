@@ -24,7 +24,8 @@ pytest.importorskip('onnx')
 pytest.importorskip('onnxruntime')
 
 ROOT = Path(__file__).parents[2]
-MINI = {'embed_dims': 16, 'depths': (1, 2, 1, 1), 'num_heads': (1, 2, 2, 4)}
+# stages 0-1 take the full-width attention products, stages 2-3 (8 heads) the per-head ones
+MINI = {'embed_dims': 16, 'depths': (1, 2, 1, 1), 'num_heads': (1, 2, 8, 8)}
 
 
 def _randomise_batch_norms(model):
@@ -47,6 +48,7 @@ def mini():
 def test_rewrite_is_exact_in_eager_and_leaves_the_model(mini):
     rewritten = export_friendly(mini)
     assert all(isinstance(s, ExportStage) for s in rewritten.layers)
+    assert [s.blocks[0].full_width for s in rewritten.layers] == [True, True, False, False]
     assert not any(isinstance(s, ExportStage) for s in mini.layers)
     assert mini.patch_embed.conv1.norm is not None  # the original keeps its BatchNorm
     for shape in [(2, 3, 64, 96), (1, 3, 67, 93)]:
