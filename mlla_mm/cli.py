@@ -6,7 +6,8 @@
 - ``mlla-benchmark``: ``benchmark.py``
 - ``mlla-export-onnx``: ``deployment/export_onnx.py``
 - ``mlla-convert``: ``model_converters/mlla2mm.py`` (official checkpoints -> mlla_mm)
-- ``mlla-configs``: lists the shipped configs (:func:`configs`)
+- ``mlla-configs``: lists the shipped configs; ``NAME --new FILE`` writes a config inheriting one
+  (:func:`configs`)
 - ``mlla-make-toy``: writes a toy dataset (:mod:`mlla_mm.datasets.make_toy`)
 
 A command runs the script as ``python tools/<script> ARGS`` would (as ``__main__``, like
@@ -26,7 +27,14 @@ from collections.abc import Sequence
 from importlib.machinery import SourceFileLoader
 from pathlib import Path
 
-from .utils.resources import PREFIX, config_dir, config_path, list_configs, tools_dir
+from .utils.resources import (
+    PREFIX,
+    config_dir,
+    config_path,
+    list_configs,
+    tools_dir,
+    write_user_config,
+)
 
 __all__ = [
     'TOOLS',
@@ -135,16 +143,31 @@ def convert(argv: Sequence[str] | None = None) -> None:
 
 
 def configs(argv: Sequence[str] | None = None) -> None:
-    """``mlla-configs``: print the shipped configs (``--path``: their folder; NAME: one path)."""
+    """``mlla-configs``: print the shipped configs (``--path``: their folder; NAME: one path;
+    ``NAME --new FILE``: write FILE, a config inheriting NAME by name)."""
     parser = argparse.ArgumentParser(
         prog='mlla-configs',
-        description='List the configs shipped with mlla_mm. Inherit one in your own config with '
-        "_base_ = 'mlla_mm::NAME', or copy it from the folder --path prints.",
+        description='List the configs shipped with mlla_mm. `mlla-configs NAME --new my_cfg.py` '
+        "writes your own config inheriting NAME (_base_ = 'mlla_mm::NAME'), which loads from any "
+        'folder; a plain copy of a shipped config does not (its _base_ is a relative path).',
     )
     parser.add_argument('name', nargs='?', help='print the path of this config')
     parser.add_argument('--path', action='store_true', help='print the configs folder')
+    parser.add_argument(
+        '--new',
+        metavar='FILE',
+        help='write FILE: a config that inherits NAME by name, to edit (an existing FILE is kept)',
+    )
     args = parser.parse_args(argv)
-    if args.path:
+    if args.new:
+        if not args.name:
+            parser.error('--new FILE needs the NAME of the shipped config to inherit')
+        try:
+            out, base = write_user_config(args.name, args.new)
+        except (FileNotFoundError, FileExistsError) as e:
+            parser.exit(2, f'mlla-configs: error: {e}\n')
+        text = f"{out}: _base_ = '{base}'; edit it, then e.g. mlla-train {out}"
+    elif args.path:
         text = str(config_dir())
     elif args.name:
         try:

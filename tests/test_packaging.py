@@ -20,7 +20,7 @@ from mlla_mm import cli
 from mlla_mm.utils import resources
 
 ROOT = Path(__file__).resolve().parents[1]
-# What setup.py needs to build the wheel (copied, so the build never touches the checkout).
+# What setup.py needs to build the wheel (copied: a build writes build/ into its source folder).
 BUILD_INPUTS = ('setup.py', 'pyproject.toml', 'README.md', 'MANIFEST.in', 'mlla_mm', 'configs',
                 'tools')  # fmt: skip
 COMMANDS = ('mlla-train', 'mlla-test', 'mlla-demo', 'mlla-benchmark', 'mlla-export-onnx',
@@ -200,7 +200,9 @@ def test_wheel_installs_configs_tools_and_commands(tmp_path):
         meta = next(zf.read(n).decode() for n in names if n.endswith('.dist-info/METADATA'))
     # mmengine 0.10 needs pkg_resources, which torch's setuptools (>= 82) no longer has
     assert 'Requires-Dist: setuptools<82' in meta
-    assert not (src / 'build').exists() or not (ROOT / 'build').exists()  # built from the copy
+    # setuptools writes build/ and mlla_mm.egg-info/ into the folder it builds from (as
+    # docs/installation.md says): here the copy
+    assert (src / 'build').is_dir()
     assert {
         'mlla_mm/.mim/configs/mask_rcnn_mlla_t.py',
         'mlla_mm/.mim/configs/toy/upernet_mlla_t_toy.py',
@@ -255,6 +257,16 @@ def test_wheel_installs_configs_tools_and_commands(tmp_path):
     assert out.stdout.startswith('usage: mlla-train') and '--work-dir' in out.stdout
     out = _run([venv / 'bin' / 'mlla-configs', 'mask_rcnn_mlla_t'], work)
     assert out.stdout.strip() == str(package / '.mim' / 'configs' / 'mask_rcnn_mlla_t.py')
+    # a copied shipped config cannot load (relative _base_); the error names --new, which works
+    shutil.copy(package / '.mim' / 'configs' / 'toy' / 'mask_rcnn_mlla_t_toy.py', work)
+    out = _run([venv / 'bin' / 'mlla-train', 'mask_rcnn_mlla_t_toy.py'], work)
+    assert out.returncode == 2 and '--new my_config.py' in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    out = _run([venv / 'bin' / 'mlla-configs', 'toy/mask_rcnn_mlla_t_toy', '--new', 'new.py'], work)
+    assert out.returncode == 0 and (work / 'new.py').is_file(), out.stderr
+    out = _run([vpy, '-c', "import mlla_mm; from mmengine.config import Config; "
+                "print(Config.fromfile('new.py').train_cfg.max_iters)"], work)  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip() == '250', out.stderr
     # the toy data without a checkout
     out = _run([venv / 'bin' / 'mlla-make-toy', 'coco', 'data/toy_coco', '--num-train', '1'], work)
     assert out.returncode == 0, out.stderr
@@ -277,6 +289,37 @@ def test_unknown_shipped_name_is_a_user_error(capsys):
     assert capsys.readouterr().err.startswith(
         "mlla-train: error: mlla_mm ships no config 'mlla_mm::nope.py'"
     )
+
+
+def test_new_user_config_inherits_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    """``cp "$(mlla-configs toy/mask_rcnn_mlla_t_toy)" .`` keeps a relative ``_base_`` that does
+    not exist here; ``mlla-configs NAME --new FILE`` writes a config that loads, and loading the
+    copy says to use it."""
+    pytest.importorskip('mmdet')
+    from mlla_mm.utils.config_loader import load_config
+    from mlla_mm.utils.errors import ConfigCheckError
+
+    monkeypatch.chdir(tmp_path)
+    cli.configs(['toy/mask_rcnn_mlla_t_toy', '--new', 'my_cfg.py'])
+    assert capsys.readouterr().out.startswith("my_cfg.py: _base_ = 'mlla_mm::toy/")
+    text = (tmp_path / 'my_cfg.py').read_text()
+    assert "_base_ = 'mlla_mm::toy/mask_rcnn_mlla_t_toy.py'" in text
+    cfg = load_config('my_cfg.py')
+    assert cfg.train_cfg == load_config('mlla_mm::toy/mask_rcnn_mlla_t_toy.py').train_cfg
+    # an existing file is kept; an unknown name or no name: status 2
+    for argv in (['toy/mask_rcnn_mlla_t_toy', '--new', 'my_cfg.py'], ['nope', '--new', 'x.py'],
+                 ['--new', 'x.py']):  # fmt: skip
+        with pytest.raises(SystemExit) as stop:
+            cli.configs(argv)
+        assert stop.value.code == 2
+    assert (tmp_path / 'my_cfg.py').read_text() == text and not (tmp_path / 'x.py').exists()
+    # the plain copy: one line naming the command
+    shutil.copy(resources.config_path('toy/mask_rcnn_mlla_t_toy'), tmp_path)
+    with pytest.raises(ConfigCheckError) as err:
+        load_config('mask_rcnn_mlla_t_toy.py')
+    message = str(err.value)
+    assert '\n' not in message and "inherits '" in message and 'does not exist' in message
+    assert '`mlla-configs toy/mask_rcnn_mlla_t_toy --new my_config.py`' in message
 
 
 def test_config_list_into_a_closed_pipe():

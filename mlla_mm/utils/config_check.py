@@ -8,7 +8,9 @@ model building or in the middle of the first epoch.
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import json
 import os.path as osp
 from collections.abc import Iterator
@@ -32,6 +34,10 @@ _COCO_FIELDS = {
     'annotations': ('id', 'image_id', 'category_id', 'bbox'),
     'categories': ('id', 'name'),
 }
+
+# The loop configs of each phase, and what mmengine's Runner passes to the loop itself.
+_LOOPS = {'train': ('train_cfg',), 'val': ('val_cfg',), 'test': ('test_cfg',)}
+_RUNNER_ARGS = ('self', 'runner', 'dataloader', 'evaluator')
 
 # Annotation files larger than this are only sniffed, not parsed (COCO train2017 is ~450 MB).
 _MAX_PARSE_BYTES = 64 * 2**20
@@ -219,6 +225,58 @@ def _backbone_problems(cfg: Config, check_pretrained: bool) -> list[str]:
     return problems
 
 
+def _loop_class(cfg: Config, name: str, loop: dict):
+    """The class mmengine's Runner builds for ``cfg[name]`` (None when it cannot be told)."""
+    from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop, TestLoop, ValLoop
+
+    kind = loop.get('type')
+    if kind is None:
+        if name == 'train_cfg':
+            return EpochBasedTrainLoop if loop.get('by_epoch', True) else IterBasedTrainLoop
+        return ValLoop if name == 'val_cfg' else TestLoop
+    if not isinstance(kind, str):
+        return kind if inspect.isclass(kind) else None
+    scope = cfg.get('default_scope')
+    try:
+        registry = importlib.import_module(f'{scope}.registry' if scope in SCOPES else 'mmengine')
+        return registry.LOOPS.get(kind)
+    except Exception:  # the library is missing, or an unknown type: mmengine reports that
+        return None
+
+
+def _loop_problems(cfg: Config, phases: tuple) -> list[str]:
+    """Keys of ``train_cfg`` / ``val_cfg`` / ``test_cfg`` that their loop does not take.
+
+    mmengine passes them to the loop's constructor only when the run starts, after the model is
+    built, and a typo (``train_cfg.max_iter=2``) ends there in a TypeError traceback.
+    """
+    problems = []
+    for phase in phases:
+        for name in _LOOPS[phase]:
+            loop = cfg.get(name)
+            if not isinstance(loop, dict):
+                continue
+            cls = _loop_class(cfg, name, loop)
+            try:
+                params = inspect.signature(cls.__init__).parameters if cls else {}
+            except (TypeError, ValueError):
+                continue
+            if not params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                continue
+            valid = [p for p in params if p not in _RUNNER_ARGS]
+            taken = {'type', 'by_epoch'} if name == 'train_cfg' else {'type'}
+            for key in loop:
+                if key in taken or key in valid or key.startswith('_'):  # _scope_: mmengine's
+                    continue
+                close = difflib.get_close_matches(key, valid, n=1, cutoff=0.7)
+                fix = f'did you mean {name}.{close[0]}? ' if close else ''
+                problems.append(
+                    f'{name}.{key}: {cls.__name__} takes no argument {key!r}; {fix}'
+                    f'it takes {", ".join(valid)} (--cfg-options {name}.KEY=VALUE)'
+                )
+    return problems
+
+
 def config_problems(cfg: Config, phases: tuple = ('train', 'val', 'test')) -> list[str]:
     """Every problem :func:`validate_config` finds, one message each (empty if none).
 
@@ -232,6 +290,7 @@ def config_problems(cfg: Config, phases: tuple = ('train', 'val', 'test')) -> li
     """
     # Testing loads a whole trained checkpoint: the ImageNet one is only needed for training.
     problems = _backbone_problems(cfg, check_pretrained='train' in phases)
+    problems.extend(_loop_problems(cfg, phases))
     for name in _DATALOADERS:
         phase = name.split('_')[0]
         loader = cfg.get(name)

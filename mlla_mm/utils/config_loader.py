@@ -18,7 +18,8 @@ from mmengine.config import Config
 
 from mlla_mm.utils.dependencies import DISTRIBUTIONS, missing_message
 from mlla_mm.utils.errors import ConfigCheckError
-from mlla_mm.utils.resources import PREFIX, config_path
+from mlla_mm.utils.paths import shown
+from mlla_mm.utils.resources import PREFIX, config_path, list_configs
 
 __all__ = ['SETUPTOOLS_PIN', 'load_config', 'resolve_config_path']
 
@@ -64,7 +65,9 @@ def load_config(config: str | os.PathLike | Config, cfg_options: dict | None = N
         Config: The loaded config.
 
     Raises:
-        ConfigCheckError: An unknown ``mlla_mm::`` name.
+        ConfigCheckError: An unknown ``mlla_mm::`` name, or a ``_base_`` file that does not
+            exist (e.g. a shipped config copied elsewhere: the message names
+            ``mlla-configs NAME --new FILE``).
         FileNotFoundError: A config file that does not exist.
         ImportError: A library the config inherits from is not installed, or setuptools lacks
             ``pkg_resources``; one line starting with ``mlla_mm needs``, naming the fix.
@@ -77,9 +80,27 @@ def load_config(config: str | os.PathLike | Config, cfg_options: dict | None = N
             cfg = Config.fromfile(path)
         except ImportError as e:
             raise ImportError(_import_problem(e, path)) from e
+        except FileNotFoundError as e:
+            if e.filename and osp.abspath(e.filename) != osp.abspath(path):
+                raise ConfigCheckError(_missing_base(path, e.filename)) from e
+            raise
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     return cfg
+
+
+def _missing_base(path: str, base: str) -> str:
+    """The one-line message for a ``_base_`` of ``path`` that does not exist."""
+    base = osp.normpath(base)
+    shipped = [n for n in list_configs() if osp.basename(n) == osp.basename(path)]
+    name = shipped[0][:-3] if shipped else 'NAME'
+    copied = f' (a copy of the shipped {shipped[0]}?)' if shipped else ''
+    return (
+        f'config {path} inherits {shown(base)}, which does not exist{copied}; a shipped config '
+        'copied out of the package keeps its relative _base_, so write your config with '
+        f'`mlla-configs {name} --new my_config.py` instead (it inherits '
+        f"_base_ = '{PREFIX}{name}.py' by name, from any folder), or fix the _base_ path"
+    )
 
 
 def _import_problem(error: ImportError, path: str) -> str:

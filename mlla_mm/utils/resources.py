@@ -35,6 +35,7 @@ __all__ = [
     'list_configs',
     'register_config_prefix',
     'tools_dir',
+    'write_user_config',
 ]
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # mlla_mm/
@@ -102,6 +103,40 @@ def config_path(name: str) -> Path:
         f'mlla_mm ships no config {name!r} (looked in {root}). Shipped configs: '
         f'{", ".join(list_configs())}'
     )
+
+
+def write_user_config(name: str, out: str | os.PathLike) -> tuple[Path, str]:
+    """Write a config that inherits the shipped config ``name`` by name (``mlla_mm::NAME``).
+
+    A shipped config copied out of the package keeps its relative ``_base_`` (e.g.
+    ``'../mask_rcnn_mlla_t.py'``) and cannot load elsewhere; this one loads from any folder
+    (``mlla-configs NAME --new FILE``).
+
+    Args:
+        name: A shipped config, as :func:`config_path` takes it.
+        out: The file to write; an existing file is not overwritten.
+
+    Returns:
+        tuple[Path, str]: The file written and the ``mlla_mm::`` name it inherits.
+
+    Raises:
+        FileNotFoundError: ``name`` is not a shipped config (the shipped ones are listed).
+        FileExistsError: ``out`` exists.
+    """
+    base = config_path(name).relative_to(config_dir()).as_posix()
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f'{out} exists; give another file name (nothing was written)')
+    text = (
+        f"# {out.name}: your config, inheriting mlla_mm's shipped {base} by name:\n"
+        '# it loads from any folder with the mlla-* commands, the tools of a checkout, or in\n'
+        f"# Python after `import mlla_mm` (`mlla-configs {base[:-3]}` prints the base's path).\n"
+        '# Write below only what you change, e.g.\n'
+        "#   train_dataloader = dict(dataset=dict(data_root='data/my_data/'))\n"
+        f"_base_ = '{PREFIX}{base}'\n"
+    )
+    out.write_text(text, encoding='utf-8')
+    return out, f'{PREFIX}{base}'
 
 
 def _resolve_prefixed(get_cfg_path):

@@ -211,3 +211,44 @@ def test_unscoped_mlla_type_is_refused_before_building(config):
         registry.build(dict(type='MLLA'))
     cfg.model.backbone.type = 'mlla_mm.MLLA'
     assert not [p for p in config_problems(cfg, phases=('test',)) if 'backbone.type' in p]
+
+
+def test_unknown_loop_keys_name_the_valid_ones(toy_root):
+    """``--cfg-options train_cfg.max_iter=2`` (mmengine's key is ``max_iters``): mmengine would
+    fail in the loop's constructor once the model is built, with a TypeError traceback."""
+    cfg = toy_cfg(toy_root)
+    setup_scope(cfg)
+    cfg.merge_from_dict({'train_cfg.max_iter': 2, 'test_cfg.fp61': True, 'val_cfg.zzz': 1})
+    problems = config_problems(cfg, ('train', 'val'))
+    assert problems == [
+        "train_cfg.max_iter: IterBasedTrainLoop takes no argument 'max_iter'; did you mean "
+        'train_cfg.max_iters? it takes max_iters, val_begin, val_interval, dynamic_intervals '
+        '(--cfg-options train_cfg.KEY=VALUE)',
+        "val_cfg.zzz: ValLoop takes no argument 'zzz'; it takes fp16 "
+        '(--cfg-options val_cfg.KEY=VALUE)',
+    ]
+    assert any('test_cfg.fp61' in p and 'did you mean test_cfg.fp16' in p
+               for p in config_problems(cfg, ('test',)))  # fmt: skip
+    # an epoch-based loop, and a loop given by type
+    cfg.train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=1, max_epoch=2)
+    assert 'did you mean train_cfg.max_epochs?' in config_problems(cfg, ('train',))[0]
+    cfg.train_cfg = dict(by_epoch=True, max_epochs=1)
+    assert config_problems(cfg, ('train',)) == []
+
+
+def test_train_tool_reports_a_loop_key_typo_in_one_line(toy_root, tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable, str(ROOT / 'tools' / 'train.py'), str(TOY), '--work-dir',
+            str(tmp_path / 'w'), '--cfg-options', 'train_cfg.max_iter=2',
+            *(f'{loader}.dataset.data_root={toy_root}/' for loader in
+              ('train_dataloader', 'val_dataloader', 'test_dataloader')),
+            *(f'{ev}.ann_file={toy_root}/annotations/instances_val.json' for ev in
+              ('val_evaluator', 'test_evaluator')),
+        ],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if 'error' in ln]
+    assert "error: train_cfg.max_iter: IterBasedTrainLoop takes no argument 'max_iter'" in line
+    assert 'did you mean train_cfg.max_iters?' in line and 'Traceback' not in proc.stderr
