@@ -11,20 +11,15 @@ import torch.nn as nn
 from mlla_mm import MLLA, MODELS
 from mlla_mm.models.backbones import fast_path
 from mlla_mm.models.backbones.mlla import _ROPE_CACHE, apply_rope, rope_tables
-from mlla_mm.testing import TINY_ARCH, PlainMLLA, fake_official_state_dict, rel_err
+from mlla_mm.testing import (
+    TINY_ARCH,
+    PlainMLLA,
+    fake_official_state_dict,
+    randomise_bn,
+    rel_err,
+)
 
 TINY = TINY_ARCH
-
-
-def randomise_bn(model: nn.Module) -> None:
-    """Non-trivial BatchNorm statistics, so that folding and padding are really exercised."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
 
 
 def tiny_pair(**kwargs):

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from mlla_mm import MLLA
 from mlla_mm.models.backbones import mlla as mlla_module
-from mlla_mm.testing import TINY_ARCH, PlainMLLA
+from mlla_mm.testing import TINY_ARCH, PlainMLLA, randomise_bn
 
 TOL = 1e-10
 
@@ -17,13 +17,7 @@ def _pair(**kwargs):
     torch.manual_seed(0)
     model = MLLA(arch=TINY_ARCH, **kwargs)
     model.init_weights()
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    g = randomise_bn(model)
     with torch.no_grad():  # trained-like residual branches (the init makes them tiny)
         for name, p in model.named_parameters():
             if name.endswith(('out_proj.weight', 'fc2.weight')):
