@@ -237,6 +237,13 @@ def why_not_fast_path(module: nn.Module, x: torch.Tensor) -> str | None:
             f'unsupported precision (input {x.dtype}, autocast '
             f'{torch.is_autocast_enabled("cpu")}): float32, or bf16 on a CPU with bf16 kernels'
         )
+    return why_not_standard_layers(module)
+
+
+def why_not_standard_layers(module: nn.Module) -> str | None:
+    """Why ``module``'s layers rule out a unit that calls their parameters directly (a global
+    module hook, a submodule that is not exactly a standard layer, or one with hooks), or None.
+    Shared by the inference units and the training units (:mod:`.train_path`)."""
     if _global_hooks():
         return 'global module hooks are registered'
     for name, m in module.named_modules():

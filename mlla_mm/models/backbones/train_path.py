@@ -43,14 +43,7 @@ def why_not_train_path(module: nn.Module, x: torch.Tensor) -> str | None:
         return 'a tensor subclass is involved'
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return 'a TorchDispatchMode or TorchFunctionMode is active'
-    if fast_path._global_hooks():
-        return 'global module hooks are registered'
-    for name, m in module.named_modules():
-        if not fast_path._standard(m):
-            return f'{name or type(module).__name__} is a {type(m).__name__}, not a standard layer'
-        if fast_path._has_hooks(m):
-            return f'{name or type(module).__name__} has hooks'
-    return None
+    return fast_path.why_not_standard_layers(module)
 
 
 class MlpFunction(torch.autograd.Function):
