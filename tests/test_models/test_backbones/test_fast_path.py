@@ -174,8 +174,8 @@ def test_keep_freed_memory_reuses_large_blocks_without_page_faults():
         'faults()\n'
         'default = faults()\n'
         'applied = ops.keep_freed_memory()\n'
-        'kept = [faults() for _ in range(6)]  # the heap grows over the first few\n'
-        'print(applied, default, sum(kept[-3:]))\n'
+        'kept = [faults() for _ in range(10)]\n'
+        'print(applied, default, *kept[2:])  # the heap grows over the first few\n'
     )
     import subprocess
     import sys
@@ -185,9 +185,12 @@ def test_keep_freed_memory_reuses_large_blocks_without_page_faults():
     ).stdout.split()
     if out[0] != 'True':
         pytest.skip('not glibc')
-    default, kept = int(out[1]), int(out[2])
+    default, kept = int(out[1]), sorted(int(n) for n in out[2:])
     assert default > 6 * 16384  # 64 MB = 16384 pages, faulted in afresh by each tensor
-    assert kept < 1000
+    # Steady state: most rounds fault in nothing new. A round may still grow the heap by one
+    # block (seen once in CI under a busy machine), so look at the median and the total.
+    assert kept[len(kept) // 2] < 1000, kept
+    assert sum(kept) < default, (default, kept)
 
 
 def test_bf16_attention_core_reuses_its_float32_workspace():
