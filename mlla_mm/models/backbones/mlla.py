@@ -161,8 +161,25 @@ def rope_tables(h: int, w: int, dim: int, device, dtype, base: float = 10000.0) 
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs of ``x`` (..., C) by the angles whose cos/sin (..., C / 2) are given."""
+    """Rotate channel pairs of ``x`` (..., C) by the angles whose cos/sin (..., C / 2) are given.
+
+    Pair ``(re, im)`` becomes ``(re * cos - im * sin, im * cos + re * sin)``: the product of the
+    complex numbers ``re + i im`` and ``cos + i sin``, which is how it runs in eager float32 and
+    float64 (one pass over ``x``, where the real form makes seven; same values). Traced,
+    compiled or exported graphs (ONNX has no complex type), other dtypes and tensor subclasses
+    get the real form.
+    """
     x = x.unflatten(-1, (-1, 2))
+    if (
+        x.dtype in (torch.float32, torch.float64)
+        and type(x) is torch.Tensor
+        and x.stride(-1) == 1
+        and x.storage_offset() % 2 == 0
+        and all(s % 2 == 0 for s in x.stride()[:-1])
+        and not _tracing()
+    ):
+        rotation = torch.complex(cos, sin)
+        return torch.view_as_real(torch.view_as_complex(x) * rotation).flatten(-2)
     x_re, x_im = x[..., 0], x[..., 1]
     return torch.stack([x_re * cos - x_im * sin, x_im * cos + x_re * sin], dim=-1).flatten(-2)
 
@@ -230,41 +247,64 @@ class _FeatureAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        qk_in, v_in = ctx.saved_tensors
+        qk, v = ctx.saved_tensors
         h, w, heads, dtype = ctx.grid
-        qk, v, grad = qk_in.to(dtype), v_in.to(dtype), grad.to(dtype)
-        features = _positive_features(qk)  # (B, N, 2, C): q and k
-        n, c = features.shape[1], features.shape[3]
-        cos, sin = (t.reshape(n, 1, c // 2) for t in rope_tables(h, w, c, qk.device, dtype))
-        rotated = apply_rope(features, cos, sin)  # q and k rotated at once
-        grad_rotated = torch.empty_like(rotated)
-        grad_features, grad_v = torch.empty_like(features), torch.empty_like(v)
+        grad_qk, grad_v = feature_attention_backward(qk, v, grad, h, w, heads, dtype)
+        return grad_qk, grad_v, None, None, None, None
 
-        def split(t):  # (N, C) -> (heads, N, d), a view
-            return t.unflatten(-1, (heads, -1)).transpose(0, 1)
 
-        for i in range(qk.shape[0]):  # per image: the per-head views fold without a copy
-            qh, kh = (split(t) for t in features[i].unbind(1))
-            q_rope, k_rope = (split(t) for t in rotated[i].unbind(1))
-            vh, gh = split(v[i]), split(grad[i])
-            k_mean = kh.mean(dim=1, keepdim=True)  # (heads, 1, d)
-            z = 1.0 / (qh @ k_mean.transpose(-2, -1) + 1e-6)  # (heads, N, 1)
-            kv = (k_rope.transpose(-2, -1) @ vh) * (1.0 / n)  # (heads, d, d)
-            # out = (q_rope @ kv) * z with z = 1 / s, s = q . k_mean + 1e-6
-            g = gh * z
-            grad_s = (gh * (q_rope @ kv)).sum(-1, keepdim=True).mul_(z).mul_(z).neg_()
-            grad_kv = (q_rope.transpose(-2, -1) @ g) * (1.0 / n)  # with kv's 1 / N
-            grad_q_rope, grad_k_rope = (split(t) for t in grad_rotated[i].unbind(1))
-            torch.matmul(g, kv.transpose(-2, -1), out=grad_q_rope)
-            torch.matmul(vh, grad_kv.transpose(-2, -1), out=grad_k_rope)
-            torch.matmul(k_rope, grad_kv, out=split(grad_v[i]))
-            grad_q, grad_k = (split(t) for t in grad_features[i].unbind(1))
-            torch.mul(grad_s, k_mean, out=grad_q)  # through the normaliser
-            grad_k.copy_((grad_s.transpose(-2, -1) @ qh) * (1.0 / n))  # through mean(k)
-        # RoPE is a rotation: its transpose rotates back (apply_rope with -sin)
-        grad_features += apply_rope(grad_rotated, cos, -sin)
-        grad_qk = torch.ops.aten.elu_backward(grad_features.flatten(2), 1.0, 1, 1, False, qk)
-        return grad_qk.to(qk_in.dtype), grad_v.to(v_in.dtype), None, None, None, None
+def feature_attention_backward(
+    qk_in: torch.Tensor,
+    v_in: torch.Tensor,
+    grad: torch.Tensor,
+    h: int,
+    w: int,
+    heads: int,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`feature_attention` with respect to ``qk`` and ``v``, given the
+    output's gradient ``grad`` (the chain rule of :func:`linear_attention`, per image, in
+    ``dtype``; returned in the inputs' dtypes). The backward of :class:`_FeatureAttention`, and
+    of the training unit of a whole block (:mod:`.train_path`), which also takes the forward
+    output, recomputed on the way, in ``out`` (a (B, N, C) tensor of ``dtype``) if given."""
+    qk, v, grad = qk_in.to(dtype), v_in.to(dtype), grad.to(dtype)
+    features = _positive_features(qk)  # (B, N, 2, C): q and k
+    n, c = features.shape[1], features.shape[3]
+    cos, sin = (t.reshape(n, 1, c // 2) for t in rope_tables(h, w, c, qk.device, dtype))
+    rotated = apply_rope(features, cos, sin)  # q and k rotated at once
+    grad_rotated = torch.empty_like(rotated)
+    grad_features, grad_v = torch.empty_like(features), torch.empty_like(v)
+
+    def split(t):  # (N, C) -> (heads, N, d), a view
+        return t.unflatten(-1, (heads, -1)).transpose(0, 1)
+
+    for i in range(qk.shape[0]):  # per image: the per-head views fold without a copy
+        qh, kh = (split(t) for t in features[i].unbind(1))
+        q_rope, k_rope = (split(t) for t in rotated[i].unbind(1))
+        vh, gh = split(v[i]), split(grad[i])
+        k_mean = kh.mean(dim=1, keepdim=True)  # (heads, 1, d)
+        z = 1.0 / (qh @ k_mean.transpose(-2, -1) + 1e-6)  # (heads, N, 1)
+        kv = (k_rope.transpose(-2, -1) @ vh) * (1.0 / n)  # (heads, d, d)
+        # out = (q_rope @ kv) * z with z = 1 / s, s = q . k_mean + 1e-6
+        g = gh * z
+        attended = q_rope @ kv  # (heads, N, d)
+        if out is not None:
+            torch.mul(attended, z, out=split(out[i]))
+        grad_s = (gh * attended).sum(-1, keepdim=True).mul_(z).mul_(z).neg_()
+        grad_kv = (q_rope.transpose(-2, -1) @ g) * (1.0 / n)  # with kv's 1 / N
+        grad_q_rope, grad_k_rope = (split(t) for t in grad_rotated[i].unbind(1))
+        torch.matmul(g, kv.transpose(-2, -1), out=grad_q_rope)
+        torch.matmul(vh, grad_kv.transpose(-2, -1), out=grad_k_rope)
+        torch.matmul(k_rope, grad_kv, out=split(grad_v[i]))
+        # token-major views (N, heads, d), written in memory order
+        grad_q, grad_k = (t.unflatten(-1, (heads, -1)) for t in grad_features[i].unbind(1))
+        torch.mul(grad_s.transpose(0, 1), k_mean.transpose(0, 1), out=grad_q)  # the normaliser
+        grad_k.copy_(((grad_s.transpose(-2, -1) @ qh) * (1.0 / n)).transpose(0, 1))  # mean(k)
+    # RoPE is a rotation: its transpose rotates back (apply_rope with -sin)
+    grad_features += apply_rope(grad_rotated, cos, -sin)
+    grad_qk = torch.ops.aten.elu_backward(grad_features.flatten(2), 1.0, 1, 1, False, qk)
+    return grad_qk.to(qk_in.dtype), grad_v.to(v_in.dtype)
 
 
 def feature_attention(
@@ -421,10 +461,12 @@ class LinearAttention(nn.Module):
     off, as timm's EfficientViT does for its linear attention.
     """
 
-    # the model's RoPE tables and reference core, as the fused path (which does not import this
-    # file) takes them
+    # the model's RoPE tables and reference core, and the attention of the features with its
+    # backward, as the fused and training units (which do not import this file) take them
     rope_tables = staticmethod(rope_tables)
     core = staticmethod(linear_attention)
+    attend = staticmethod(feature_attention)
+    attend_backward = staticmethod(feature_attention_backward)
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
         super().__init__()
