@@ -11,10 +11,25 @@ forward runs, with the same result. Conditions (:func:`why_not_train_path`):
 4. no tensor subclass, no ``TorchDispatchMode`` or ``TorchFunctionMode`` active;
 5. every submodule is exactly its standard type and has no hooks; no global module hooks.
 
-The unit: :class:`MlpFunction`, ``fc2(GELU(fc1(x)))`` over chunks of tokens keeping only GELU's
-input; plain autograd keeps both 4x-wide tensors (GELU's input, and its output for ``fc2``'s
-weight gradient), and the backward here recomputes GELU from the kept input (bit for bit), so
-the MLP saves a quarter of a block's activation memory less. Any device.
+The units (any device):
+
+- :class:`MlpFunction`, ``fc2(GELU(fc1(x)))`` over chunks of tokens keeping only GELU's input;
+  plain autograd keeps both 4x-wide tensors (GELU's input, and its output for ``fc2``'s weight
+  gradient), and the backward here recomputes GELU from the kept input (bit for bit), so the MLP
+  saves a quarter of a block's activation memory less.
+- :class:`PatchMergingFunction` keeps the input and the 2C-wide projection (BatchNorm's input)
+  and recomputes the two 8C-wide ReLU outputs in the backward, over bands of output rows of at
+  most :data:`.fast_path.CHUNK_ELEMENTS` hidden values (so they never exist whole, forward or
+  backward): 1.5 times the input's size kept instead of 11.5.
+- :class:`StemFunction` keeps the input image, the five convs' outputs and the BatchNorm
+  statistics, and recomputes the normalised and ReLU tensors and the residual sum in the
+  backward: 11.8 instead of 21.8 times the size of its output.
+
+Their BatchNorm layers update their running statistics as ``nn.BatchNorm2d`` does (momentum or
+cumulative average, ``num_batches_tracked``, unbiased variance), except in a checkpoint's
+recomputation (``with_cp``), which the caller tells them of: there they use the batch
+statistics and leave the buffers alone, so a step updates them once. BatchNorm in eval mode
+(``norm_eval``, frozen stages) normalises with the running statistics, as the module does.
 """
 
 from __future__ import annotations
@@ -25,7 +40,15 @@ import torch.nn.functional as F
 
 from . import fast_path
 
-__all__ = ['MlpFunction', 'mlp_forward', 'why_not_train_path']
+__all__ = [
+    'MlpFunction',
+    'PatchMergingFunction',
+    'StemFunction',
+    'mlp_forward',
+    'patch_merging_forward',
+    'stem_forward',
+    'why_not_train_path',
+]
 
 
 def why_not_train_path(module: nn.Module, x: torch.Tensor) -> str | None:
@@ -101,3 +124,318 @@ def mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """An ``Mlp`` in training: :class:`MlpFunction` on its layers' parameters."""
     with torch.profiler.record_function('mlla.train_path.Mlp'):
         return MlpFunction.apply(x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Conv and BatchNorm pieces of the Stem and PatchMerging units
+# --------------------------------------------------------------------------------------------
+def _conv_spec(conv: nn.Conv2d) -> tuple:
+    """(stride, padding, dilation, groups) of a Conv2d, as ``convolution_backward`` takes them."""
+    return list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
+
+
+def _conv(x: torch.Tensor, weight, bias, spec: tuple) -> torch.Tensor:
+    stride, padding, dilation, groups = spec
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _conv_backward(grad, x, weight, bias, spec: tuple, need_x: bool, need_w: bool, need_b: bool):
+    """(grad_x, grad_weight, grad_bias) of :func:`_conv`, None where not asked for."""
+    stride, padding, dilation, groups = spec
+    need_b = need_b and bias is not None
+    if not (need_x or need_w or need_b):
+        return None, None, None
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, [weight.shape[0]] if need_b else None, stride, padding, dilation,
+        False, [0] * len(stride), groups, [need_x, need_w, need_b],
+    )  # fmt: skip
+
+
+def _bn_setup(bn: nn.Module, update: bool) -> tuple:
+    """What ``bn``'s forward would pass to the BatchNorm kernel, as BatchNorm's own forward
+    decides it: ``(running_mean, running_var, training, momentum factor, eps)``.
+
+    In training with ``update`` it counts the batch in ``num_batches_tracked`` (the kernel then
+    updates the running statistics); without ``update`` (a checkpoint's recomputation) the batch
+    statistics are used and no buffer is touched.
+    """
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and update and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(bn.num_batches_tracked)
+    training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    running = not bn.training or bn.track_running_stats
+    mean, var = (bn.running_mean, bn.running_var) if running else (None, None)
+    if training and not update:
+        mean = var = None
+    return mean, var, training, factor, bn.eps
+
+
+def _bn(c: torch.Tensor, weight, bias, setup: tuple) -> tuple:
+    """BatchNorm of ``c`` (NCHW) -> (output, stats): the batch mean and inverse std in
+    training, copies of the running mean and variance in eval mode (what the backward takes)."""
+    mean, var, training, factor, eps = setup
+    out, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+        c, weight, bias, mean, var, training, factor, eps
+    )
+    return out, ((save_mean, save_invstd) if training else (mean.clone(), var.clone()))
+
+
+def _normalise(c: torch.Tensor, weight, bias, stats: tuple, training: bool, eps: float):
+    """The BatchNorm output of ``c`` again, from the statistics :func:`_bn` returned."""
+    mean, s = stats
+    invstd = s if training else (s + eps).rsqrt()
+    scale = invstd if weight is None else invstd * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    return torch.addcmul(shift.view(1, -1, 1, 1), c, scale.view(1, -1, 1, 1))
+
+
+def _bn_backward(grad, c, weight, stats: tuple, training: bool, eps: float, mask: list):
+    """(grad_c, grad_weight, grad_bias) of :func:`_bn` (entries of ``mask`` False give None)."""
+    if not any(mask):
+        return None, None, None
+    mask = [mask[0], mask[1] and weight is not None, mask[2]]
+    a, b = stats
+    if training:  # batch statistics
+        return torch.ops.aten.native_batch_norm_backward(
+            grad, c, weight, None, None, a, b, True, eps, mask
+        )
+    return torch.ops.aten.native_batch_norm_backward(
+        grad, c, weight, a, b, None, None, False, eps, mask
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# PatchMerging
+# --------------------------------------------------------------------------------------------
+def _merging_hidden(x, w1, b1, w2, b2, spec: tuple, r0: int, r1: int) -> tuple:
+    """Output rows ``[r0, r1)`` of the depthwise conv, after its ReLU, and the expanded input
+    rows they read, ``2 r0 - 1 .. 2 r1 - 1`` (row -1, the zero padding, is left to the conv).
+
+    Returns ``(t1, t2)``: ``ReLU(x W1 + b1)`` of those rows, tokens (B, rows, W, 8C), and
+    ``ReLU(DWConv(t1))``, tokens (B, r1 - r0, W / 2, 8C).
+    """
+    lo = 2 * r0 - 1 if r0 > 0 else 0
+    t1 = F.relu_(F.linear(x[:, lo : 2 * r1], w1, b1))
+    stride, padding, dilation, groups = spec
+    pad = padding if r0 == 0 else [0, padding[1]]
+    t2 = F.conv2d(t1.permute(0, 3, 1, 2), w2, b2, stride, pad, dilation, groups)
+    return t1, F.relu_(t2).permute(0, 2, 3, 1)
+
+
+class PatchMergingFunction(torch.autograd.Function):
+    """:class:`PatchMerging` in training: 1x1 conv to 8C + ReLU, depthwise 3x3 stride 2 + ReLU,
+    1x1 conv to 2C, BatchNorm, keeping only the input and the quarter-size 1x1 output.
+
+    Plain autograd keeps both 8C-wide ReLU outputs (8 and 2 times the input's size); here the
+    forward runs over bands of output rows (:func:`_merging_hidden`) so they never exist whole,
+    and the backward recomputes them band by band, bottom band first: a band's top input row
+    (shared with the band above) passes its gradient to the band above.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, w3, b3, gamma, beta, spec, bn_setup):
+        b, h, w, _ = x.shape
+        w1m, w3m = w1.flatten(1), w3.flatten(1)
+        y = x.new_empty(b, h // 2, w // 2, w3.shape[0])
+        step = fast_path.rows_per_chunk(2 * b * w * w1.shape[0])
+        for r0 in range(0, h // 2, step):
+            r1 = min(r0 + step, h // 2)
+            _, t2 = _merging_hidden(x, w1m, b1, w2, b2, spec, r0, r1)
+            y[:, r0:r1] = F.linear(t2, w3m, b3)
+        out, stats = _bn(y.permute(0, 3, 1, 2), gamma, beta, bn_setup)
+        ctx.spec, ctx.step, ctx.training, ctx.eps = spec, step, bn_setup[2], bn_setup[4]
+        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        ctx.save_for_backward(x, w1, b1, w2, b2, w3, gamma, y, *stats)
+        return out.permute(0, 2, 3, 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, w1, b1, w2, b2, w3, gamma, y, *stats = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        w1m, w3m = w1.flatten(1), w3.flatten(1)
+        below = any(need[:7])  # anything before the BatchNorm
+        gy, g_gamma, g_beta = _bn_backward(
+            grad.permute(0, 3, 1, 2), y.permute(0, 3, 1, 2), gamma, stats, ctx.training,
+            ctx.eps, [below, need[7], need[8]],
+        )  # fmt: skip
+        if not below:
+            return None, None, None, None, None, None, None, g_gamma, g_beta, None, None
+        gy = gy.permute(0, 2, 3, 1)  # tokens (B, H/2, W/2, 2C)
+        g_b3 = gy.sum((0, 1, 2)) if need[6] else None
+        g_w3 = torch.zeros_like(w3m) if need[5] else None
+        deeper = any(need[:5])  # through the depthwise conv
+        g_x = torch.empty_like(x) if need[0] else None
+        g_w1 = torch.zeros_like(w1m) if need[1] else None
+        g_b1 = torch.zeros_like(b1) if need[2] else None
+        g_w2 = torch.zeros_like(w2) if need[3] else None
+        g_b2 = torch.zeros_like(b2) if need[4] else None
+        spec, step, h2 = ctx.spec, ctx.step, y.shape[1]
+        stride, padding, dilation, groups = spec
+        carry = None  # gradient of the expanded row the band below read as its top row
+        for r0 in reversed(range(0, h2, step)):
+            r1 = min(r0 + step, h2)
+            t1, t2 = _merging_hidden(x, w1m, b1, w2, b2, spec, r0, r1)
+            g = gy[:, r0:r1].reshape(-1, gy.shape[-1])
+            if need[5]:
+                g_w3.addmm_(g.t(), t2.reshape(-1, t2.shape[-1]))
+            if not deeper:
+                continue
+            g2 = torch.ops.aten.threshold_backward((g @ w3m).view(t2.shape), t2, 0)
+            band_spec = (stride, padding if r0 == 0 else [0, padding[1]], dilation, groups)
+            g1, gw, gb = _conv_backward(
+                g2.permute(0, 3, 1, 2), t1.permute(0, 3, 1, 2), w2, b2, band_spec,
+                need[0] or need[1] or need[2], need[3], need[4],
+            )  # fmt: skip
+            if need[3]:
+                g_w2 += gw
+            if need[4]:
+                g_b2 += gb
+            if g1 is None:
+                continue
+            g1 = g1.permute(0, 2, 3, 1)  # tokens (B, rows, W, 8C)
+            if carry is not None:
+                g1[:, -1] += carry
+            if r0 > 0:
+                carry, g1, t1 = g1[:, 0].clone(), g1[:, 1:], t1[:, 1:]
+            g1 = torch.ops.aten.threshold_backward(g1, t1, 0).reshape(-1, t1.shape[-1])
+            rows = x[:, 2 * r0 : 2 * r1]
+            if need[0]:
+                g_x[:, 2 * r0 : 2 * r1] = (g1 @ w1m).view(rows.shape)
+            if need[1]:
+                g_w1.addmm_(g1.t(), rows.reshape(-1, rows.shape[-1]))
+            if need[2]:
+                g_b1 += g1.sum(0)
+        g_w1 = g_w1.view_as(w1) if need[1] else None
+        g_w3 = g_w3.view_as(w3) if need[5] else None
+        return g_x, g_w1, g_b1, g_w2, g_b2, g_w3, g_b3, g_gamma, g_beta, None, None
+
+
+def patch_merging_forward(merging: nn.Module, x: torch.Tensor, recomputing: bool) -> torch.Tensor:
+    """A ``PatchMerging`` in training on tokens (B, H, W, C), H and W even:
+    :class:`PatchMergingFunction` on its layers' parameters.
+
+    Args:
+        merging: The ``PatchMerging`` module.
+        x: Tokens (B, H, W, C), padded to even H and W.
+        recomputing: Whether this is a checkpoint's recomputation (the BatchNorm then leaves
+            its running statistics as they are: the step updates them once).
+
+    Returns:
+        Tokens (B, H / 2, W / 2, 2C).
+    """
+    expand, dwconv, project = merging.conv
+    bn = project.norm
+    with torch.profiler.record_function('mlla.train_path.PatchMerging'):
+        return PatchMergingFunction.apply(
+            x, expand.conv.weight, expand.conv.bias, dwconv.conv.weight, dwconv.conv.bias,
+            project.conv.weight, project.conv.bias, bn.weight, bn.bias,
+            _conv_spec(dwconv.conv), _bn_setup(bn, not recomputing),
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Stem
+# --------------------------------------------------------------------------------------------
+class StemFunction(torch.autograd.Function):
+    """:class:`Stem` in training: five ``ConvLayer`` s (conv, BatchNorm, ReLU but for the second
+    of the residual pair and the projection), keeping the convs' outputs and the BatchNorm
+    statistics only.
+
+    Plain autograd also keeps each ReLU output and the residual sum; here the backward
+    recomputes them from the kept conv outputs and statistics, one at a time.
+
+    ``params`` holds, per layer (``conv1``, ``conv2[0]``, ``conv2[1]``, ``conv3[0]``,
+    ``conv3[1]``), the conv weight and bias and the BatchNorm weight and bias; ``specs`` the
+    layers' :func:`_conv_spec` and :func:`_bn_setup`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, specs, *params):
+        convs = [s[0] for s in specs]
+        ws, cbs, gs, bs = params[0::4], params[1::4], params[2::4], params[3::4]
+        outs, stats = [], []
+
+        def layer(i, t, act):
+            c = _conv(t, ws[i], cbs[i], convs[i])
+            out, s = _bn(c, gs[i], bs[i], specs[i][1])
+            outs.append(c)
+            stats.extend(s)
+            return F.relu_(out) if act else out
+
+        a1 = layer(0, x, True)
+        s = layer(2, layer(1, a1, True), False).add_(a1)  # x + conv2(x)
+        out = layer(4, layer(3, s, True), False)
+        ctx.specs = specs
+        ctx.save_for_backward(x, *params, *outs, *stats)
+        return out.permute(0, 2, 3, 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        x, params, outs, stats = saved[0], saved[1:21], saved[21:26], saved[26:]
+        ws, cbs, gs, bs = params[0::4], params[1::4], params[2::4], params[3::4]
+        specs = ctx.specs
+        need = ctx.needs_input_grad[2:]
+        grads = [None] * 20
+
+        def normalised(i, act):
+            training, eps = specs[i][1][2], specs[i][1][4]
+            t = _normalise(outs[i], gs[i], bs[i], stats[2 * i : 2 * i + 2], training, eps)
+            return F.relu_(t) if act else t
+
+        def backward(i, g, t, below):
+            """Layer ``i``'s BatchNorm and conv backward from the gradient ``g`` of its
+            normalised output, given the conv's input ``t``; the gradient of ``t`` if
+            ``below``."""
+            training, eps = specs[i][1][2], specs[i][1][4]
+            n_w, n_cb, n_g, n_b = need[4 * i : 4 * i + 4]
+            gc, grads[4 * i + 2], grads[4 * i + 3] = _bn_backward(
+                g, outs[i], gs[i], stats[2 * i : 2 * i + 2], training, eps,
+                [below or n_w or n_cb, n_g, n_b],
+            )  # fmt: skip
+            gt, grads[4 * i], grads[4 * i + 1] = _conv_backward(
+                gc, t, ws[i], cbs[i], specs[i][0], below, n_w, n_cb
+            )
+            return gt
+
+        before = [any(need[: 4 * i]) or ctx.needs_input_grad[0] for i in range(5)]
+        a3 = normalised(3, True)
+        g = backward(4, grad.permute(0, 3, 1, 2), a3, before[4])
+        if before[4]:
+            g = torch.ops.aten.threshold_backward(g, a3, 0)
+            del a3
+            a1 = normalised(0, True)
+            g = backward(3, g, normalised(2, False).add_(a1), before[3])  # the residual sum
+        if before[3]:
+            a2 = normalised(1, True)
+            g2 = backward(2, g, a2, before[2])
+            if before[2]:
+                g2 = backward(1, torch.ops.aten.threshold_backward(g2, a2, 0), a1, before[1])
+            del a2
+        if before[1]:
+            g = torch.ops.aten.threshold_backward(g + g2, a1, 0)  # both branches of the residual
+            g = backward(0, g, x, before[0])
+        return g if ctx.needs_input_grad[0] else None, None, *grads
+
+
+def stem_forward(stem: nn.Module, x: torch.Tensor, recomputing: bool) -> torch.Tensor:
+    """A ``Stem`` in training on a padded image batch: :class:`StemFunction` on its layers.
+
+    Args:
+        stem: The ``Stem`` module.
+        x: Images (B, C_in, H, W), H and W multiples of 4, channels-last memory.
+        recomputing: Whether this is a checkpoint's recomputation (the BatchNorm layers then
+            leave their running statistics as they are: the step updates them once).
+
+    Returns:
+        Channels-last tokens (B, H / 4, W / 4, C).
+    """
+    layers = (stem.conv1, *stem.conv2, *stem.conv3)
+    specs = tuple((_conv_spec(m.conv), _bn_setup(m.norm, not recomputing)) for m in layers)
+    params = [p for m in layers for p in (m.conv.weight, m.conv.bias, m.norm.weight, m.norm.bias)]
+    with torch.profiler.record_function('mlla.train_path.Stem'):
+        return StemFunction.apply(x, specs, *params)

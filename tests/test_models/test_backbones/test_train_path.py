@@ -172,3 +172,149 @@ def test_mlp_unit_keeps_only_gelu_input_and_gives_the_module_result():
         assert train_path.why_not_train_path(mlp, x) == 'autograd is not recording'
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert train_path.why_not_train_path(mlp, x) == 'autocast is on'
+
+
+def _module_and_unit(module, x, watch):
+    """Outputs, gradients (input, then parameters), saved bytes and buffers after the step, of
+    the training unit and of the module forward (selected by a hook on ``watch``); each from
+    the same starting buffers."""
+    from mlla_mm.models.backbones import train_path
+
+    start = {k: v.clone() for k, v in module.state_dict().items()}
+    results = []
+    for hooked in (False, True):
+        module.load_state_dict(start)
+        handle = watch.register_forward_hook(lambda *a: None) if hooked else None
+        assert (train_path.why_not_train_path(module, x) is None) != hooked
+        saved = _saved_bytes(module, x)
+        module.load_state_dict(start)
+        out = module(x)
+        g = torch.sin(torch.arange(out.numel(), dtype=out.dtype)).view(out.shape)
+        grads = torch.autograd.grad((out * g).sum(), [x, *module.parameters()])
+        buffers = {k: v.clone() for k, v in module.named_buffers()}
+        results.append((out, grads, saved, buffers))
+        if handle is not None:
+            handle.remove()
+    return results
+
+
+def _assert_same(unit, plain):
+    (out, grads, _, buffers), (out_ref, grads_ref, _, buffers_ref) = unit, plain
+    torch.testing.assert_close(out, out_ref, rtol=1e-13, atol=1e-14)
+    for g, r in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-11, atol=1e-13)
+    for name, b in buffers.items():
+        torch.testing.assert_close(b, buffers_ref[name], rtol=1e-13, atol=0), name
+
+
+@pytest.mark.parametrize('bn_eval', [False, True], ids=['bn_train', 'bn_eval'])
+@pytest.mark.parametrize('chunk', [None, 3000, 1], ids=['whole', 'bands', 'rows'])
+def test_patch_merging_unit_keeps_its_input_and_projection(monkeypatch, chunk, bn_eval):
+    """In training the patch merging keeps its input and the 2C-wide projection (BatchNorm's
+    input), not the two 8C-wide ReLU outputs; same outputs, gradients and running statistics
+    as the module forward, over bands of output rows (several, one row each) or whole."""
+    from mlla_mm.models.backbones import fast_path
+
+    if chunk is not None:  # 3000 elements: bands of 2 output rows (2 * 2 * 8 * 48 per row)
+        monkeypatch.setattr(fast_path, 'CHUNK_ELEMENTS', chunk)
+    torch.manual_seed(0)
+    merging = mlla_module.PatchMerging(6).double().train()
+    randomise_bn(merging)
+    bn = merging.conv[2].norm
+    if bn_eval:
+        bn.eval()
+    x = torch.randn(2, 14, 8, 6, dtype=torch.float64, requires_grad=True)
+    unit, plain = _module_and_unit(merging, x, merging.conv[2].conv)
+    _assert_same(unit, plain)
+    assert unit[3]['conv.2.norm.num_batches_tracked'].item() == (0 if bn_eval else 1)
+    lean, module = unit[2], plain[2]
+    params = sum(p.numel() for p in merging.parameters()) - 12 - 12  # no project bias, BN bias
+    y = 2 * 7 * 4 * 12  # the projection (B, H/2, W/2, 2C)
+    assert lean == (x.numel() + y + params + 2 * 12) * 8  # and two BatchNorm statistics
+    hidden = 2 * 14 * 8 * 48 + 2 * 7 * 4 * 48  # the two ReLU outputs; the module keeps no bias
+    running = 0 if bn_eval else 2 * 12  # BatchNorm's kernel in training keeps them too
+    assert module == lean + (hidden - 48 - 48 + running) * 8
+
+
+@pytest.mark.parametrize('bn_eval', [False, True], ids=['bn_train', 'bn_eval'])
+def test_stem_unit_keeps_conv_outputs_and_statistics(bn_eval):
+    """In training the stem keeps its input, its five convs' outputs and the BatchNorm
+    statistics, not the ReLU outputs and the residual sum; same outputs, gradients and running
+    statistics as the module forward."""
+    torch.manual_seed(0)
+    stem = mlla_module.Stem(3, 16).double().train()
+    randomise_bn(stem)
+    if bn_eval:
+        for m in stem.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+    x = torch.randn(2, 3, 20, 28, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    unit, plain = _module_and_unit(stem, x, stem.conv3[1].conv)
+    _assert_same(unit, plain)
+    tracked = [v.item() for k, v in unit[3].items() if k.endswith('num_batches_tracked')]
+    assert tracked == [0 if bn_eval else 1] * 5
+    lean, module = unit[2], plain[2]
+    half, quarter = 10 * 14 * 2, 5 * 7 * 2  # pixels of a batch at strides 2 and 4
+    convs = half * (8 + 8 + 8) + quarter * (64 + 16)
+    params = sum(p.numel() for p in stem.parameters())
+    stats = 2 * (8 + 8 + 8 + 64 + 16)
+    assert lean == (x.numel() + convs + params + stats) * 8
+    kept_bn = 8 + 8 + 8 + 64 + 16  # BatchNorm biases, recomputing the normalised tensors
+    running = 0 if bn_eval else 2 * kept_bn  # BatchNorm's kernel in training keeps them too
+    assert module == lean + (half * 8 * 3 + quarter * 64 - kept_bn + running) * 8
+
+
+def test_with_cp_recomputation_takes_the_units_and_updates_statistics_once(monkeypatch):
+    """With ``with_cp`` the stem and the patch mergings take their units in the forward and in
+    the checkpoint's recomputation (which leaves the running statistics alone): one step moves
+    every BatchNorm's statistics as a step without checkpointing does."""
+    from mlla_mm.models.backbones import train_path
+
+    calls = []
+    for name in ('stem_forward', 'patch_merging_forward'):
+        unit = getattr(train_path, name)
+        monkeypatch.setattr(
+            train_path, name, lambda m, x, r, unit=unit, name=name: calls.append((name, r))
+            or unit(m, x, r),
+        )  # fmt: skip
+    x = torch.randn(2, 3, 45, 61, dtype=torch.float64)
+    forward = [('stem_forward', False)] + [('patch_merging_forward', False)] * 3
+    buffers = []
+    for with_cp in (False, True):
+        model = _pair(drop_path_rate=0.0, with_cp=with_cp).train()
+        calls.clear()
+        _step(model, x)
+        assert calls[:4] == forward
+        recomputed = [(name, True) for name, _ in forward] if with_cp else []
+        assert sorted(calls[4:]) == sorted(recomputed)
+        buffers.append(dict(model.named_buffers()))
+    for name, b in buffers[0].items():
+        torch.testing.assert_close(buffers[1][name], b, rtol=1e-12, atol=1e-15)
+        if name.endswith('num_batches_tracked'):
+            assert b.item() == 1, name
+
+
+@pytest.mark.parametrize(
+    'kwargs, taken',
+    [
+        (dict(), 4),
+        (dict(norm_eval=True), 4),
+        # the input requires grad: the frozen stem and merge0 take their units too, with
+        # frozen parameters and eval-mode BatchNorm
+        (dict(frozen_stages=1), 4),
+    ],
+    ids=['default', 'norm_eval', 'frozen_stages'],
+)
+def test_float64_step_takes_the_stem_and_merging_units(monkeypatch, kwargs, taken):
+    """The float64 comparisons against the plain transcription above run these units."""
+    from mlla_mm.models.backbones import train_path
+
+    calls = []
+    for name in ('stem_forward', 'patch_merging_forward'):
+        unit = getattr(train_path, name)
+        monkeypatch.setattr(
+            train_path, name, lambda *a, unit=unit: calls.append(1) or unit(*a)
+        )  # fmt: skip
+    _step(_pair(drop_path_rate=0.0, **kwargs).train(), torch.randn(2, 3, 45, 61).double())
+    assert len(calls) == taken
