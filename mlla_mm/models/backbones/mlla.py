@@ -171,12 +171,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """
     x = x.unflatten(-1, (-1, 2))
     if (
-        x.dtype in (torch.float32, torch.float64)
+        not _tracing()  # first: the layout checks below would break a torch.compile graph
+        and x.dtype in (torch.float32, torch.float64)
         and type(x) is torch.Tensor
         and x.stride(-1) == 1
         and x.storage_offset() % 2 == 0
         and all(s % 2 == 0 for s in x.stride()[:-1])
-        and not _tracing()
     ):
         rotation = torch.complex(cos, sin)
         return torch.view_as_real(torch.view_as_complex(x) * rotation).flatten(-2)
