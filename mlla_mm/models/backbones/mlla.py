@@ -17,10 +17,11 @@ pruning and FLOP counters see and change what runs. The stem, each patch merging
 also has a fused CPU inference path (:mod:`.fast_path`), taken as a whole unit when the
 conditions of :func:`.fast_path.why_not_fast_path` hold (no autograd, eval mode, CPU, the
 standard layer types without hooks, no dispatch mode...) and giving the same result; otherwise
-the plain forward below runs. In training the MLP keeps only GELU's input under the same kind
-of conditions (:mod:`.train_path`). ``MLLA(fast_path=False)`` takes neither. OpenMMLab backbone
-arguments: ``out_indices``, ``frozen_stages``, ``norm_eval``, ``with_cp``, ``init_cfg`` and
-``get_layer_depth`` for layer-wise learning-rate decay.
+the plain forward below runs. In training, the stem, each patch merging and each block have a
+memory-lean unit under the same kind of conditions (:mod:`.train_path`: it keeps a few inputs
+and recomputes the rest in the backward). ``MLLA(fast_path=False)`` takes neither. OpenMMLab
+backbone arguments: ``out_indices``, ``frozen_stages``, ``norm_eval``, ``with_cp``,
+``init_cfg`` and ``get_layer_depth`` for layer-wise learning-rate decay.
 """
 
 from __future__ import annotations
@@ -528,8 +529,11 @@ class MLLABlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
-        if self.use_fast_path and fast_path.why_not_fast_path(self, x) is None:
-            return fast_path.block_forward(self, x)
+        if self.use_fast_path:
+            if fast_path.why_not_fast_path(self, x) is None:
+                return fast_path.block_forward(self, x)
+            if train_path.why_not_train_path(self, x, autocast=True) is None:
+                return train_path.block_forward(self, x)  # training: keeps 6 of 19 tensors
         x = x + nhwc_conv(self.cpe1, x)
         shortcut = x
         x = self.norm1(x)

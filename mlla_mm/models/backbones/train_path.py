@@ -7,13 +7,24 @@ forward runs, with the same result. Conditions (:func:`why_not_train_path`):
 1. ``use_fast_path`` is True on the module (``MLLA(fast_path=False)`` turns it off);
 2. autograd records: grad mode is on and the input or a parameter requires grad (without
    autograd there is nothing to save);
-3. not traced, compiled or exported, no autocast (the unit's GEMMs would not be autocast);
-4. no tensor subclass, no ``TorchDispatchMode`` or ``TorchFunctionMode`` active;
-5. every submodule is exactly its standard type and has no hooks; no global module hooks.
+3. not traced, compiled or exported;
+4. autocast off and the input float32 or float64, except for the block's unit, which makes
+   autocast's casts itself (``why_not_train_path(..., autocast=True)``);
+5. no tensor subclass, no ``TorchDispatchMode`` or ``TorchFunctionMode`` active;
+6. every submodule is exactly its standard type and has no hooks; no global module hooks.
 
 The units (any device):
 
-- :class:`MlpFunction`, ``fc2(GELU(fc1(x)))`` over chunks of tokens keeping only GELU's input;
+- :class:`BlockFunction`, a whole ``MLLABlock``: it keeps the block's input, ``in_proj``'s and
+  ``act_proj``'s outputs, the q/k projection (2C) and the second CPE's input, 6 (B, H, W, C)
+  tensors where the module forward keeps 19 (with the MLP and attention units below), and
+  recomputes the rest in the backward: the depthwise convs, the LayerNorms, the SiLUs and the
+  gate, the attention's features, rotations and output, and the MLP's hidden layer (one GEMM,
+  ``fc1``, over chunks of tokens). Under autocast it runs the linears and convs in autocast's
+  dtype and the attention in float32, as the module forward does (outputs and gradients equal
+  to it, tested in float64, float32 and bf16 autocast).
+- :class:`MlpFunction` (an ``Mlp`` outside the block's unit, e.g. a block with a hook elsewhere),
+  ``fc2(GELU(fc1(x)))`` over chunks of tokens keeping only GELU's input;
   plain autograd keeps both 4x-wide tensors (GELU's input, and its output for ``fc2``'s weight
   gradient), and the backward here recomputes GELU from the kept input (bit for bit), so the MLP
   saves a quarter of a block's activation memory less.
@@ -34,6 +45,8 @@ statistics and leave the buffers alone, so a step updates them once. BatchNorm i
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -41,9 +54,11 @@ import torch.nn.functional as F
 from . import fast_path
 
 __all__ = [
+    'BlockFunction',
     'MlpFunction',
     'PatchMergingFunction',
     'StemFunction',
+    'block_forward',
     'mlp_forward',
     'patch_merging_forward',
     'stem_forward',
@@ -51,8 +66,15 @@ __all__ = [
 ]
 
 
-def why_not_train_path(module: nn.Module, x: torch.Tensor) -> str | None:
-    """Why ``module`` cannot take its training unit on ``x`` now, or None if it can."""
+def why_not_train_path(module: nn.Module, x: torch.Tensor, autocast: bool = False) -> str | None:
+    """Why ``module`` cannot take its training unit on ``x`` now, or None if it can.
+
+    Args:
+        module: The module whose unit would run.
+        x: Its input.
+        autocast: Whether the unit does autocast's casts itself (the block's unit does);
+            otherwise autocast rules it out.
+    """
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return 'the forward is traced, compiled or exported'
     if not getattr(module, 'use_fast_path', True):
@@ -61,7 +83,10 @@ def why_not_train_path(module: nn.Module, x: torch.Tensor) -> str | None:
     if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params)):
         return 'autograd is not recording'
     if torch.is_autocast_enabled(x.device.type):
-        return 'autocast is on'
+        if not autocast:
+            return 'autocast is on'
+    elif x.dtype not in (torch.float32, torch.float64):
+        return 'the input is neither float32 nor float64 (and autocast is off)'
     if type(x) is not torch.Tensor or any(type(p) is not nn.Parameter for p in params):
         return 'a tensor subclass is involved'
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
@@ -96,28 +121,8 @@ class MlpFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, w1, w2, *pres = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grad = grad.reshape(-1, grad.shape[-1])
-        tokens = x.reshape(-1, x.shape[-1])
-        grad_x = torch.empty_like(tokens) if need[0] else None
-        grad_w1 = torch.zeros_like(w1) if need[1] else None
-        grad_b1 = w1.new_zeros(w1.shape[0]) if need[2] else None
-        grad_w2 = torch.zeros_like(w2) if need[3] else None
-        for i, pre in enumerate(pres):
-            rows = slice(i * ctx.step, i * ctx.step + pre.shape[0])
-            g = grad[rows]
-            if need[3]:
-                grad_w2.addmm_(g.t(), F.gelu(pre))
-            if need[0] or need[1] or need[2]:
-                grad_pre = torch.ops.aten.gelu_backward(g @ w2, pre)
-                if need[0]:
-                    torch.mm(grad_pre, w1, out=grad_x[rows])
-                if need[1]:
-                    grad_w1.addmm_(grad_pre.t(), tokens[rows])
-                if need[2]:
-                    grad_b1 += grad_pre.sum(0)
-        grad_b2 = grad.sum(0) if need[4] else None
-        grad_x = grad_x.view_as(x) if need[0] else None
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+        grads = _mlp_backward(x, grad, w1, None, w2, need[1:], w1.dtype, pres)
+        return (grads[0] if need[0] else None, *grads[1:])
 
 
 def mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -439,3 +444,332 @@ def stem_forward(stem: nn.Module, x: torch.Tensor, recomputing: bool) -> torch.T
     params = [p for m in layers for p in (m.conv.weight, m.conv.bias, m.norm.weight, m.norm.bias)]
     with torch.profiler.record_function('mlla.train_path.Stem'):
         return StemFunction.apply(x, specs, *params)
+
+
+# --------------------------------------------------------------------------------------------
+# The MLLA block
+# --------------------------------------------------------------------------------------------
+class _Spec(NamedTuple):
+    """What a block's unit needs besides tensors."""
+
+    cpe1: tuple  # _conv_spec of each depthwise conv
+    dwc: tuple
+    lepe: tuple
+    cpe2: tuple
+    eps1: float
+    eps2: float
+    heads: int
+    compute: torch.dtype  # of the linears and convs (autocast's dtype, else the input's)
+    attend: object  # LinearAttention.attend and .attend_backward
+    attend_backward: object
+
+
+def _conv_tokens(x: torch.Tensor, weight, bias, spec: tuple) -> torch.Tensor:
+    """:func:`_conv` of channels-last tokens (B, H, W, C) -> (B, H', W', C'), as ``nhwc_conv``."""
+    return _conv(x.permute(0, 3, 1, 2), weight, bias, spec).permute(0, 2, 3, 1)
+
+
+def _conv_tokens_backward(grad, x, weight, bias, spec: tuple, params, need_x: bool = True):
+    """:func:`_conv_backward` of :func:`_conv_tokens`: the input's gradient as tokens, the
+    weight's and bias's where ``params``, the layer's own, require grad."""
+    need_w, need_b = (t is not None and t.requires_grad for t in params)
+    gx, gw, gb = _conv_backward(
+        grad.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight, bias, spec, need_x, need_w, need_b
+    )
+    return (None if gx is None else gx.permute(0, 2, 3, 1)), gw, gb
+
+
+def _linear_grads(grad2d, x2d, weight, bias):
+    """Weight and bias gradients of a linear layer (None where not needed)."""
+    gw = grad2d.t() @ x2d if weight.requires_grad else None
+    gb = grad2d.sum(0) if bias is not None and bias.requires_grad else None
+    return gw, gb
+
+
+def _cast(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+class BlockFunction(torch.autograd.Function):
+    """A whole ``MLLABlock`` in training, saving its input, the outputs of ``in_proj``,
+    ``act_proj`` and ``attn.qk``, and the input of the second CPE (6 of the 19 (B, H, W, C)
+    tensors autograd keeps); the element-wise work, the depthwise convs, the LayerNorms, the
+    attention and the MLP's hidden layer are recomputed in backward.
+
+    Under autocast, the linears and convs run in ``spec.compute`` and the attention in float32,
+    with the casts autocast makes on the module path (the weights are cast at each call)."""
+
+    @staticmethod
+    def forward(ctx, x, mask1, mask2, spec: _Spec, *params):
+        cdt = spec.compute
+        adt = torch.float32 if cdt in (torch.float16, torch.bfloat16) else cdt
+        (w_c1, b_c1, w_n1, b_n1, w_a, b_a, w_i, b_i, w_d, b_d, w_qk, b_qk, w_l, b_l,
+         w_o, b_o, w_c2, b_c2, w_n2, b_n2, w_f1, b_f1, w_f2, b_f2) = params  # fmt: skip
+        b, h, w, c = x.shape
+
+        def conv(t, weight, bias, conv_spec):
+            return _conv_tokens(t.to(cdt), weight.to(cdt), _cast(bias, cdt), conv_spec)
+
+        def linear(t, weight, bias):
+            return F.linear(t.to(cdt), weight.to(cdt), _cast(bias, cdt))
+
+        with torch.autocast(x.device.type, enabled=False):
+            # the residual stream (x1, x2, x3, out) in x's and cdt's promoted dtype, as autocast
+            # gives it; the LayerNorms run in it (CPU autocast leaves layer_norm's dtype alone)
+            x1 = x + conv(x, w_c1, b_c1, spec.cpe1)
+            xn = F.layer_norm(x1, (c,), w_n1, b_n1, spec.eps1)
+            a = linear(xn, w_a, b_a)
+            p = linear(xn, w_i, b_i)
+            del xn
+            s = F.silu(conv(p, w_d, b_d, spec.dwc), inplace=True)
+            qk = linear(s, w_qk, b_qk)
+            y = spec.attend(qk.view(b, h * w, 2 * c), s.reshape(b, h * w, c), h, w, spec.heads, adt)
+            y = y.view(b, h, w, c).add_(conv(s, w_l, b_l, spec.lepe)).to(cdt)
+            y *= F.silu(a)
+            del s
+            r = linear(y, w_o, b_o)
+            del y
+            x2 = x1.add_(r if mask1 is None else r.mul_(mask1))
+            x3 = x2 + conv(x2, w_c2, b_c2, spec.cpe2)
+            f = _mlp(
+                F.layer_norm(x3, (c,), w_n2, b_n2, spec.eps2).to(cdt),
+                w_f1.to(cdt),
+                _cast(b_f1, cdt),
+                w_f2.to(cdt),
+                _cast(b_f2, cdt),
+            )
+            out = x3.add_(f if mask2 is None else f.mul_(mask2))
+        ctx.spec = spec
+        ctx.save_for_backward(x, p, a, qk, x2, mask1, mask2, *params)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        with torch.autocast(grad.device.type, enabled=False):
+            return _block_backward(ctx, grad.contiguous())
+
+
+def _block_backward(ctx, grad):
+    """:meth:`BlockFunction.backward`: recompute, then the chain rule from the output back."""
+    x, p, a, qk, x2, mask1, mask2, *params = ctx.saved_tensors
+    spec = ctx.spec
+    cdt = spec.compute
+    adt = torch.float32 if cdt in (torch.float16, torch.bfloat16) else cdt
+    rdt = torch.promote_types(x.dtype, cdt)  # the residual stream's (x1, x2, x3, out)
+    (w_c1, b_c1, w_n1, b_n1, w_a, b_a, w_i, b_i, w_d, b_d, w_qk, b_qk, w_l, b_l,
+     w_o, b_o, w_c2, b_c2, w_n2, b_n2, w_f1, b_f1, w_f2, b_f2) = params  # fmt: skip
+    b, h, w, c = x.shape
+    n = h * w
+
+    def low(*ts):  # the tensors in the compute dtype (what autocast hands the linears/convs)
+        return [None if t is None else t.to(cdt) for t in ts]
+
+    def ln_backward(g, inp, mean, rstd, weight, bias):
+        mask = [True, weight.requires_grad, bias.requires_grad]
+        return torch.ops.aten.native_layer_norm_backward(
+            g, inp, [c], mean, rstd, weight, bias, mask
+        )
+
+    # ---- out = x3 + MLP(LN(x3)), x3 = x2 + CPE2(x2)
+    x2_low, w_c2_low, b_c2_low = low(x2, w_c2, b_c2)
+    x3 = x2 + _conv_tokens(x2_low, w_c2_low, b_c2_low, spec.cpe2)
+    xn2, mean2, rstd2 = torch.native_layer_norm(x3, [c], w_n2, b_n2, spec.eps2)
+    g_f = grad.to(cdt) if mask2 is None else grad.to(cdt) * mask2
+    g_xn2, gw_f1, gb_f1, gw_f2, gb_f2 = _mlp_backward(
+        xn2.to(cdt),
+        g_f,
+        *low(w_f1, b_f1, w_f2),
+        acc_dtype=w_f1.dtype,
+        need=tuple(t is not None and t.requires_grad for t in params[20:24]),
+    )
+    del xn2, g_f
+    g_x3, gw_n2, gb_n2 = ln_backward(g_xn2.to(rdt), x3, mean2, rstd2, w_n2, b_n2)
+    del x3, g_xn2
+    g_x3 += grad
+    gi, gw_c2, gb_c2 = _conv_tokens_backward(
+        g_x3.to(cdt), x2_low, w_c2_low, b_c2_low, spec.cpe2, (w_c2, b_c2)
+    )
+    g_x2 = g_x3.add_(gi)
+    del gi, x2_low
+
+    # ---- x2 = x1 + out_proj((attn(s) + LePE(s)) * SiLU(a)), s = SiLU(dwc(p))
+    w_o_low, w_d_low, b_d_low, w_l_low, b_l_low, w_qk_low = low(w_o, w_d, b_d, w_l, b_l, w_qk)
+    g_r = g_x2.to(cdt) if mask1 is None else g_x2.to(cdt) * mask1
+    g_r2 = g_r.reshape(-1, c)
+    g_m = (g_r2 @ w_o_low).view(b, h, w, c)
+    gate = F.silu(a)
+    g_y = g_m * gate
+    d = _conv_tokens(p, w_d_low, b_d_low, spec.dwc)
+    s = F.silu(d)
+    o = torch.empty(b, n, c, dtype=adt, device=x.device)
+    g_qk, g_v = spec.attend_backward(
+        qk.view(b, n, 2 * c),
+        s.reshape(b, n, c),
+        g_y.view(b, n, c).to(adt),
+        h,
+        w,
+        spec.heads,
+        adt,
+        out=o,
+    )
+    y = o.view(b, h, w, c).add_(_conv_tokens(s, w_l_low, b_l_low, spec.lepe)).to(cdt)
+    del o
+    g_gate = g_m.mul_(y)
+    m = y.mul_(gate)
+    del gate
+    gw_o, gb_o = _linear_grads(g_r2, m.reshape(-1, c), w_o, b_o)
+    del m, g_r, g_r2
+    g_a = torch.ops.aten.silu_backward(g_gate, a)
+    del g_gate
+    g_s, gw_l, gb_l = _conv_tokens_backward(g_y, s, w_l_low, b_l_low, spec.lepe, (w_l, b_l))
+    del g_y
+    g_qk2 = g_qk.reshape(-1, 2 * c)
+    g_s += g_v.view(b, h, w, c)
+    g_s += (g_qk2 @ w_qk_low).view(b, h, w, c)
+    gw_qk, gb_qk = _linear_grads(g_qk2, s.reshape(-1, c), w_qk, b_qk)
+    del s, g_qk, g_qk2, g_v
+    g_d = torch.ops.aten.silu_backward(g_s, d)
+    del g_s, d
+    g_p, gw_d, gb_d = _conv_tokens_backward(g_d, p, w_d_low, b_d_low, spec.dwc, (w_d, b_d))
+    del g_d
+
+    # ---- x1 = x + CPE1(x), then LN1 into act_proj and in_proj
+    x_low, w_c1_low, b_c1_low, w_i_low, w_a_low = low(x, w_c1, b_c1, w_i, w_a)
+    x1 = x + _conv_tokens(x_low, w_c1_low, b_c1_low, spec.cpe1)
+    xn, mean1, rstd1 = torch.native_layer_norm(x1, [c], w_n1, b_n1, spec.eps1)
+    g_p2, g_a2, xn2d = g_p.reshape(-1, c), g_a.reshape(-1, c), xn.reshape(-1, c).to(cdt)
+    g_xn = (g_p2 @ w_i_low).to(rdt)
+    g_xn += g_a2 @ w_a_low
+    gw_i, gb_i = _linear_grads(g_p2, xn2d, w_i, b_i)
+    gw_a, gb_a = _linear_grads(g_a2, xn2d, w_a, b_a)
+    del g_p, g_a, g_p2, g_a2, xn, xn2d
+    g_x1, gw_n1, gb_n1 = ln_backward(g_xn.view(b, h, w, c), x1, mean1, rstd1, w_n1, b_n1)
+    del g_xn, x1
+    g_x1 += g_x2
+    del g_x2
+    need_x = ctx.needs_input_grad[0]
+    gi, gw_c1, gb_c1 = _conv_tokens_backward(
+        g_x1.to(cdt), x_low, w_c1_low, b_c1_low, spec.cpe1, (w_c1, b_c1), need_x=need_x
+    )
+    g_x = g_x1.add_(gi).to(x.dtype) if need_x else None
+    grads = (
+        gw_c1,
+        gb_c1,
+        gw_n1,
+        gb_n1,
+        gw_a,
+        gb_a,
+        gw_i,
+        gb_i,
+        gw_d,
+        gb_d,
+        gw_qk,
+        gb_qk,
+        gw_l,
+        gb_l,
+        gw_o,
+        gb_o,
+        gw_c2,
+        gb_c2,
+        gw_n2,
+        gb_n2,
+        gw_f1,
+        gb_f1,
+        gw_f2,
+        gb_f2,
+    )
+    grads = [None if g is None else g.to(p.dtype) for g, p in zip(grads, params)]
+    return g_x, None, None, None, *grads
+
+
+def _mlp(x, w1, b1, w2, b2):
+    """``fc2(GELU(fc1(x)))`` over chunks of tokens (no 4x-wide tensor exists whole)."""
+    tokens = x.reshape(-1, x.shape[-1])
+    step = fast_path.rows_per_chunk(w1.shape[0])
+    out = tokens.new_empty(tokens.shape[0], w2.shape[0])
+    for start in range(0, tokens.shape[0], step):
+        rows = slice(start, start + step)
+        hidden = F.gelu(F.linear(tokens[rows], w1, b1))
+        if b2 is None:
+            torch.mm(hidden, w2.t(), out=out[rows])
+        else:
+            torch.addmm(b2, hidden, w2.t(), out=out[rows])
+    return out.view(*x.shape[:-1], -1)
+
+
+def _mlp_backward(x, grad, w1, b1, w2, need: tuple, acc_dtype, pres=None) -> tuple:
+    """Gradients of :func:`_mlp`: the input's, and fc1's weight and bias and fc2's weight and
+    bias where ``need`` (4 bools) asks (else None), accumulated in ``acc_dtype``; chunk by chunk,
+    from the kept pre-activations ``pres`` or recomputing them from ``x``."""
+    tokens = x.reshape(-1, x.shape[-1])
+    grad = grad.reshape(-1, grad.shape[-1])
+    step = fast_path.rows_per_chunk(w1.shape[0])
+    need_w1, need_b1, need_w2, need_b2 = need
+    grad_x = torch.empty_like(tokens)
+    grad_w1 = torch.zeros(w1.shape, dtype=acc_dtype, device=w1.device) if need_w1 else None
+    grad_b1 = torch.zeros(w1.shape[0], dtype=acc_dtype, device=w1.device) if need_b1 else None
+    grad_w2 = torch.zeros(w2.shape, dtype=acc_dtype, device=w2.device) if need_w2 else None
+
+    def acc(total, a, b):
+        return total.addmm_(a, b) if a.dtype == total.dtype else total.add_(a @ b)
+
+    for i, start in enumerate(range(0, tokens.shape[0], step)):
+        rows = slice(start, start + step)
+        pre = pres[i] if pres is not None else F.linear(tokens[rows], w1, b1)
+        g = grad[rows]
+        if need_w2:
+            acc(grad_w2, g.t(), F.gelu(pre))
+        grad_pre = torch.ops.aten.gelu_backward(g @ w2, pre)
+        torch.mm(grad_pre, w1, out=grad_x[rows])
+        if need_w1:
+            acc(grad_w1, grad_pre.t(), tokens[rows])
+        if need_b1:
+            grad_b1 += grad_pre.sum(0)
+    grad_b2 = grad.sum(0).to(acc_dtype) if need_b2 else None
+    return grad_x.view_as(x), grad_w1, grad_b1, grad_w2, grad_b2
+
+
+def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An ``MLLABlock`` in training: :class:`BlockFunction` on its layers' parameters."""
+    attn = block.attn
+    device = x.device.type
+    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    spec = _Spec(
+        _conv_spec(block.cpe1),
+        _conv_spec(block.dwc),
+        _conv_spec(attn.lepe),
+        _conv_spec(block.cpe2),
+        block.norm1.eps,
+        block.norm2.eps,
+        attn.num_heads,
+        compute,
+        attn.attend,
+        attn.attend_backward,
+    )
+    masks = []
+    for _ in range(2):  # the draws of the module forward's two drop paths, in their order
+        p = getattr(block.drop_path, 'p', 0.0)
+        if p == 0.0 or not block.training:
+            masks.append(None)
+        else:
+            keep = 1.0 - p
+            mask = x.new_empty((x.shape[0], 1, 1, 1), dtype=compute).bernoulli_(keep)
+            masks.append(mask.div_(keep))
+    layers = (
+        block.cpe1,
+        block.norm1,
+        block.act_proj,
+        block.in_proj,
+        block.dwc,
+        attn.qk,
+        attn.lepe,
+        block.out_proj,
+        block.cpe2,
+        block.norm2,
+        block.mlp.fc1,
+        block.mlp.fc2,
+    )
+    params = [t for layer in layers for t in (layer.weight, layer.bias)]
+    with torch.profiler.record_function('mlla.train_path.MLLABlock'):
+        return BlockFunction.apply(x, *masks, spec, *params)

@@ -318,3 +318,80 @@ def test_float64_step_takes_the_stem_and_merging_units(monkeypatch, kwargs, take
         )  # fmt: skip
     _step(_pair(drop_path_rate=0.0, **kwargs).train(), torch.randn(2, 3, 45, 61).double())
     assert len(calls) == taken
+
+
+def _block_pair(drop_path=0.0, dtype=torch.float32):
+    torch.manual_seed(0)
+    block = mlla_module.MLLABlock(32, 2, drop_path=drop_path).train()
+    with torch.no_grad():  # trained-like weights (the init makes the branches tiny)
+        for p in block.parameters():
+            p.normal_(0, 0.2)
+    return block.to(dtype)
+
+
+def _block_step(block, x, grad, autocast=None):
+    torch.manual_seed(1)  # the same drop-path draws
+    with torch.autocast('cpu', dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        out = block(x)
+    grads = torch.autograd.grad(out, [x, *block.parameters()], grad)
+    return out, grads
+
+
+@pytest.mark.parametrize(
+    'dtype, autocast, drop_path',
+    [
+        (torch.float64, None, 0.0),
+        (torch.float32, None, 0.3),
+        (torch.float32, torch.bfloat16, 0.0),
+        (torch.bfloat16, torch.bfloat16, 0.3),
+    ],
+    ids=['float64', 'float32-drop_path', 'autocast', 'autocast-bf16-input-drop_path'],
+)
+def test_block_unit_gives_the_module_result(dtype, autocast, drop_path):
+    """The whole-block training unit against the module forward (which a hook on ``norm2``
+    selects): the same output and gradients for the input and every parameter (the same
+    operations in the same dtypes, so equal up to the order of a few sums), in float64,
+    float32 and under bf16 autocast (float32 and bf16 residual streams)."""
+    from mlla_mm.models.backbones import train_path
+
+    block = _block_pair(drop_path)
+    x = torch.randn(2, 12, 20, 32, requires_grad=True).to(dtype).detach().requires_grad_()
+    grad = torch.randn(2, 12, 20, 32).to(dtype)
+    block = block.to(dtype) if autocast is None else block
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast is not None):
+        assert train_path.why_not_train_path(block, x, autocast=True) is None
+    out, grads = _block_step(block, x, grad, autocast)
+    assert type(out.grad_fn).__name__ == 'BlockFunctionBackward'
+    handle = block.norm2.register_forward_hook(lambda *a: None)
+    ref, ref_grads = _block_step(block, x, grad, autocast)
+    handle.remove()
+    assert type(ref.grad_fn).__name__ != 'BlockFunctionBackward'
+    assert out.dtype == ref.dtype
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref, **tol)
+    names = ['input'] + [n for n, _ in block.named_parameters()]
+    for name, g, r in zip(names, grads, ref_grads):
+        assert g.dtype == r.dtype, name
+        if autocast is None:
+            torch.testing.assert_close(g, r, **tol, msg=name)
+        else:  # bf16 products summed in another order: bf16 rounding
+            err = ((g.float() - r.float()).norm() / r.float().norm()).item()
+            assert err <= 1e-2, (name, err)
+
+
+@pytest.mark.parametrize('autocast', [False, True], ids=['float32', 'autocast'])
+def test_block_unit_saves_six_token_tensors(autocast):
+    """The unit keeps its input, in_proj's and act_proj's outputs, q/k (2C) and the second
+    CPE's input: 6 (B, H, W, C) tensors (in_proj, act_proj and q/k in bf16 under autocast),
+    where the module forward keeps 19 (the MLP unit included)."""
+    block = _block_pair()
+    x = torch.randn(2, 12, 20, 32, requires_grad=True)
+    token = x.numel() * 4
+    weights = sum(p.numel() * 4 for p in block.parameters())
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        lean = _saved_bytes(block, x) - weights
+        handle = block.norm2.register_forward_hook(lambda *a: None)
+        plain = _saved_bytes(block, x)
+        handle.remove()
+    assert lean == (4 * token if autocast else 6 * token)  # x, x2; p, a, qk (bf16 in autocast)
+    assert plain >= (11 if autocast else 18) * token
