@@ -409,7 +409,7 @@ class Stem(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         if self.use_fast_path and fast_path.why_not_fast_path(self, x) is None:
             return fast_path.stem_forward(self, x)
-        if self.use_fast_path and train_path.why_not_train_path(self, x) is None:
+        if self.use_fast_path and train_path.why_not_train_path(self, x, autocast=True) is None:
             # keeps the conv outputs and BatchNorm statistics, recomputes the rest
             return train_path.stem_forward(self, x, _Recomputing.depth > 0)
         x = self.conv1(x)
@@ -438,7 +438,7 @@ class PatchMerging(nn.Module):
             x = F.pad(x, (0, 0, 0, w - w // 2 * 2, 0, h - h // 2 * 2))  # floor div, as above
         if self.use_fast_path and fast_path.why_not_fast_path(self, x) is None:
             return fast_path.patch_merging_forward(self, x)
-        if self.use_fast_path and train_path.why_not_train_path(self, x) is None:
+        if self.use_fast_path and train_path.why_not_train_path(self, x, autocast=True) is None:
             # keeps the input and the 1x1 output, recomputes the 8x-wide hidden tensors
             return train_path.patch_merging_forward(self, x, _Recomputing.depth > 0)
         return nhwc_conv(self.conv, x)

@@ -8,8 +8,9 @@ forward runs, with the same result. Conditions (:func:`why_not_train_path`):
 2. autograd records: grad mode is on and the input or a parameter requires grad (without
    autograd there is nothing to save);
 3. not traced, compiled or exported;
-4. autocast off and the input float32 or float64, except for the block's unit, which makes
-   autocast's casts itself (``why_not_train_path(..., autocast=True)``);
+4. autocast off and the input float32 or float64, except for the units of the block, the
+   stem and the patch merging, which make autocast's casts themselves
+   (``why_not_train_path(..., autocast=True)``);
 5. no tensor subclass, no ``TorchDispatchMode`` or ``TorchFunctionMode`` active;
 6. every submodule is exactly its standard type and has no hooks; no global module hooks.
 
@@ -31,10 +32,14 @@ The units (any device):
 - :class:`PatchMergingFunction` keeps the input and the 2C-wide projection (BatchNorm's input)
   and recomputes the two 8C-wide ReLU outputs in the backward, over bands of output rows of at
   most :data:`.fast_path.CHUNK_ELEMENTS` hidden values (so they never exist whole, forward or
-  backward): 1.5 times the input's size kept instead of 11.5.
+  backward): 1.5 times the input's size kept instead of 11.5. Under autocast it runs the
+  convs in autocast's dtype and BatchNorm on their output, as the module forward does (the
+  same output and running statistics, gradients within bf16 rounding), keeping the input as
+  the first conv sees it and the projection in that dtype.
 - :class:`StemFunction` keeps the input image, the five convs' outputs and the BatchNorm
   statistics, and recomputes the normalised and ReLU tensors and the residual sum in the
-  backward: 11.8 instead of 21.8 times the size of its output.
+  backward: 11.8 instead of 21.8 times the size of its output. Under autocast, as the
+  patch merging's unit, it keeps the image and the conv outputs in autocast's dtype.
 
 Their BatchNorm layers update their running statistics as ``nn.BatchNorm2d`` does (momentum or
 cumulative average, ``num_batches_tracked``, unbiased variance), except in a checkpoint's
@@ -156,6 +161,15 @@ def _conv_backward(grad, x, weight, bias, spec: tuple, need_x: bool, need_w: boo
     )  # fmt: skip
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the convs on ``x``: autocast's where it casts ``x`` (not float64), else
+    ``x``'s."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 def _bn_setup(bn: nn.Module, update: bool) -> tuple:
     """What ``bn``'s forward would pass to the BatchNorm kernel, as BatchNorm's own forward
     decides it: ``(running_mean, running_var, training, momentum factor, eps)``.
@@ -222,7 +236,9 @@ def _merging_hidden(x, w1, b1, w2, b2, spec: tuple, r0: int, r1: int) -> tuple:
     ``ReLU(DWConv(t1))``, tokens (B, r1 - r0, W / 2, 8C).
     """
     lo = 2 * r0 - 1 if r0 > 0 else 0
-    t1 = F.relu_(F.linear(x[:, lo : 2 * r1], w1, b1))
+    # a contiguous band: one GEMM with the bias, rounded once as the module's 1x1 conv (on a
+    # strided band, F.linear adds the bias after the product, rounding twice in bf16)
+    t1 = F.relu_(F.linear(x[:, lo : 2 * r1].contiguous(), w1, b1))
     stride, padding, dilation, groups = spec
     pad = padding if r0 == 0 else [0, padding[1]]
     t2 = F.conv2d(t1.permute(0, 3, 1, 2), w2, b2, stride, pad, dilation, groups)
@@ -237,85 +253,111 @@ class PatchMergingFunction(torch.autograd.Function):
     forward runs over bands of output rows (:func:`_merging_hidden`) so they never exist whole,
     and the backward recomputes them band by band, bottom band first: a band's top input row
     (shared with the band above) passes its gradient to the band above.
+
+    The convs run in ``compute`` (autocast's dtype under autocast, else the input's), with the
+    casts autocast makes on the module path: the input is kept as the first conv sees it, the
+    weights are cast at each call, BatchNorm takes the projection in ``compute`` with its
+    own parameters' dtype, and the gradients come back in the input's and parameters' dtypes.
     """
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, w3, b3, gamma, beta, spec, bn_setup):
+    def forward(ctx, x, w1, b1, w2, b2, w3, b3, gamma, beta, spec, bn_setup, compute):
         b, h, w, _ = x.shape
-        w1m, w3m = w1.flatten(1), w3.flatten(1)
-        y = x.new_empty(b, h // 2, w // 2, w3.shape[0])
-        step = fast_path.rows_per_chunk(2 * b * w * w1.shape[0])
-        for r0 in range(0, h // 2, step):
-            r1 = min(r0 + step, h // 2)
-            _, t2 = _merging_hidden(x, w1m, b1, w2, b2, spec, r0, r1)
-            y[:, r0:r1] = F.linear(t2, w3m, b3)
-        out, stats = _bn(y.permute(0, 3, 1, 2), gamma, beta, bn_setup)
+        ctx.x_dtype = x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(compute)  # what the first conv keeps on the module path
+            w1m, b1c, w2c, b2c, w3m, b3c = (
+                _cast(t, compute) for t in (w1.flatten(1), b1, w2, b2, w3.flatten(1), b3)
+            )
+            y = x.new_empty(b, h // 2, w // 2, w3.shape[0])
+            step = fast_path.rows_per_chunk(2 * b * w * w1.shape[0])
+            for r0 in range(0, h // 2, step):
+                r1 = min(r0 + step, h // 2)
+                _, t2 = _merging_hidden(x, w1m, b1c, w2c, b2c, spec, r0, r1)
+                y[:, r0:r1] = F.linear(t2, w3m, b3c)
+            out, stats = _bn(y.permute(0, 3, 1, 2), gamma, beta, bn_setup)
         ctx.spec, ctx.step, ctx.training, ctx.eps = spec, step, bn_setup[2], bn_setup[4]
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        ctx.b3_dtype = None if b3 is None else b3.dtype
         ctx.save_for_backward(x, w1, b1, w2, b2, w3, gamma, y, *stats)
         return out.permute(0, 2, 3, 1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, w1, b1, w2, b2, w3, gamma, y, *stats = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        w1m, w3m = w1.flatten(1), w3.flatten(1)
-        below = any(need[:7])  # anything before the BatchNorm
-        gy, g_gamma, g_beta = _bn_backward(
-            grad.permute(0, 3, 1, 2), y.permute(0, 3, 1, 2), gamma, stats, ctx.training,
-            ctx.eps, [below, need[7], need[8]],
+        with torch.autocast(grad.device.type, enabled=False):
+            return _patch_merging_backward(ctx, grad)
+
+
+def _accumulate(total, a, b):
+    """``total += a @ b``; a product in a lower dtype than ``total`` is rounded first, as
+    the module path's ``compute`` gradients are before autocast casts them back."""
+    return total.addmm_(a, b) if a.dtype == total.dtype else total.add_(a @ b)
+
+
+def _patch_merging_backward(ctx, grad):
+    """:meth:`PatchMergingFunction.backward` (autocast off)."""
+    x, w1, b1, w2, b2, w3, gamma, y, *stats = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    w1m, b1c, w2c, b2c, w3m = (
+        _cast(t, x.dtype) for t in (w1.flatten(1), b1, w2, b2, w3.flatten(1))
+    )
+    below = any(need[:7])  # anything before the BatchNorm
+    gy, g_gamma, g_beta = _bn_backward(
+        grad.permute(0, 3, 1, 2), y.permute(0, 3, 1, 2), gamma, stats, ctx.training,
+        ctx.eps, [below, need[7], need[8]],
+    )  # fmt: skip
+    if not below:
+        return None, None, None, None, None, None, None, g_gamma, g_beta, None, None, None
+    gy = gy.permute(0, 2, 3, 1)  # tokens (B, H/2, W/2, 2C)
+    g_b3 = gy.sum((0, 1, 2)).to(ctx.b3_dtype) if need[6] else None
+    g_w3 = w3.new_zeros(w3m.shape) if need[5] else None
+    deeper = any(need[:5])  # through the depthwise conv
+    g_x = torch.empty_like(x) if need[0] else None
+    g_w1 = w1.new_zeros(w1m.shape) if need[1] else None
+    g_b1 = torch.zeros_like(b1) if need[2] else None
+    g_w2 = torch.zeros_like(w2) if need[3] else None
+    g_b2 = torch.zeros_like(b2) if need[4] else None
+    spec, step, h2 = ctx.spec, ctx.step, y.shape[1]
+    stride, padding, dilation, groups = spec
+    carry = None  # gradient of the expanded row the band below read as its top row
+    for r0 in reversed(range(0, h2, step)):
+        r1 = min(r0 + step, h2)
+        t1, t2 = _merging_hidden(x, w1m, b1c, w2c, b2c, spec, r0, r1)
+        g = gy[:, r0:r1].reshape(-1, gy.shape[-1])
+        if need[5]:
+            _accumulate(g_w3, g.t(), t2.reshape(-1, t2.shape[-1]))
+        if not deeper:
+            continue
+        g2 = torch.ops.aten.threshold_backward((g @ w3m).view(t2.shape), t2, 0)
+        band_spec = (stride, padding if r0 == 0 else [0, padding[1]], dilation, groups)
+        g1, gw, gb = _conv_backward(
+            g2.permute(0, 3, 1, 2), t1.permute(0, 3, 1, 2), w2c, b2c, band_spec,
+            need[0] or need[1] or need[2], need[3], need[4],
         )  # fmt: skip
-        if not below:
-            return None, None, None, None, None, None, None, g_gamma, g_beta, None, None
-        gy = gy.permute(0, 2, 3, 1)  # tokens (B, H/2, W/2, 2C)
-        g_b3 = gy.sum((0, 1, 2)) if need[6] else None
-        g_w3 = torch.zeros_like(w3m) if need[5] else None
-        deeper = any(need[:5])  # through the depthwise conv
-        g_x = torch.empty_like(x) if need[0] else None
-        g_w1 = torch.zeros_like(w1m) if need[1] else None
-        g_b1 = torch.zeros_like(b1) if need[2] else None
-        g_w2 = torch.zeros_like(w2) if need[3] else None
-        g_b2 = torch.zeros_like(b2) if need[4] else None
-        spec, step, h2 = ctx.spec, ctx.step, y.shape[1]
-        stride, padding, dilation, groups = spec
-        carry = None  # gradient of the expanded row the band below read as its top row
-        for r0 in reversed(range(0, h2, step)):
-            r1 = min(r0 + step, h2)
-            t1, t2 = _merging_hidden(x, w1m, b1, w2, b2, spec, r0, r1)
-            g = gy[:, r0:r1].reshape(-1, gy.shape[-1])
-            if need[5]:
-                g_w3.addmm_(g.t(), t2.reshape(-1, t2.shape[-1]))
-            if not deeper:
-                continue
-            g2 = torch.ops.aten.threshold_backward((g @ w3m).view(t2.shape), t2, 0)
-            band_spec = (stride, padding if r0 == 0 else [0, padding[1]], dilation, groups)
-            g1, gw, gb = _conv_backward(
-                g2.permute(0, 3, 1, 2), t1.permute(0, 3, 1, 2), w2, b2, band_spec,
-                need[0] or need[1] or need[2], need[3], need[4],
-            )  # fmt: skip
-            if need[3]:
-                g_w2 += gw
-            if need[4]:
-                g_b2 += gb
-            if g1 is None:
-                continue
-            g1 = g1.permute(0, 2, 3, 1)  # tokens (B, rows, W, 8C)
-            if carry is not None:
-                g1[:, -1] += carry
-            if r0 > 0:
-                carry, g1, t1 = g1[:, 0].clone(), g1[:, 1:], t1[:, 1:]
-            g1 = torch.ops.aten.threshold_backward(g1, t1, 0).reshape(-1, t1.shape[-1])
-            rows = x[:, 2 * r0 : 2 * r1]
-            if need[0]:
-                g_x[:, 2 * r0 : 2 * r1] = (g1 @ w1m).view(rows.shape)
-            if need[1]:
-                g_w1.addmm_(g1.t(), rows.reshape(-1, rows.shape[-1]))
-            if need[2]:
-                g_b1 += g1.sum(0)
-        g_w1 = g_w1.view_as(w1) if need[1] else None
-        g_w3 = g_w3.view_as(w3) if need[5] else None
-        return g_x, g_w1, g_b1, g_w2, g_b2, g_w3, g_b3, g_gamma, g_beta, None, None
+        if need[3]:
+            g_w2 += gw
+        if need[4]:
+            g_b2 += gb
+        if g1 is None:
+            continue
+        g1 = g1.permute(0, 2, 3, 1)  # tokens (B, rows, W, 8C)
+        if carry is not None:
+            g1[:, -1] += carry
+        if r0 > 0:
+            carry, g1, t1 = g1[:, 0].clone(), g1[:, 1:], t1[:, 1:]
+        g1 = torch.ops.aten.threshold_backward(g1, t1, 0).reshape(-1, t1.shape[-1])
+        rows = x[:, 2 * r0 : 2 * r1]
+        if need[0]:
+            g_x[:, 2 * r0 : 2 * r1] = (g1 @ w1m).view(rows.shape)
+        if need[1]:
+            _accumulate(g_w1, g1.t(), rows.reshape(-1, rows.shape[-1]))
+        if need[2]:
+            g_b1 += g1.sum(0)
+    g_w1 = g_w1.view_as(w1) if need[1] else None
+    g_w3 = g_w3.view_as(w3) if need[5] else None
+    g_x = None if g_x is None else g_x.to(ctx.x_dtype)
+    return g_x, g_w1, g_b1, g_w2, g_b2, g_w3, g_b3, g_gamma, g_beta, None, None, None
 
 
 def patch_merging_forward(merging: nn.Module, x: torch.Tensor, recomputing: bool) -> torch.Tensor:
@@ -337,7 +379,7 @@ def patch_merging_forward(merging: nn.Module, x: torch.Tensor, recomputing: bool
         return PatchMergingFunction.apply(
             x, expand.conv.weight, expand.conv.bias, dwconv.conv.weight, dwconv.conv.bias,
             project.conv.weight, project.conv.bias, bn.weight, bn.bias,
-            _conv_spec(dwconv.conv), _bn_setup(bn, not recomputing),
+            _conv_spec(dwconv.conv), _bn_setup(bn, not recomputing), _compute_dtype(x),
         )  # fmt: skip
 
 
@@ -354,25 +396,32 @@ class StemFunction(torch.autograd.Function):
 
     ``params`` holds, per layer (``conv1``, ``conv2[0]``, ``conv2[1]``, ``conv3[0]``,
     ``conv3[1]``), the conv weight and bias and the BatchNorm weight and bias; ``specs`` the
-    layers' :func:`_conv_spec` and :func:`_bn_setup`.
+    layers' :func:`_conv_spec` and :func:`_bn_setup`. The convs run in ``compute`` (autocast's
+    dtype under autocast, else the input's) with autocast's casts, as
+    :class:`PatchMergingFunction`'s: the image is kept as the first conv sees it, and every
+    tensor between the layers (BatchNorm's output, the ReLUs, the residual sum) is in
+    ``compute``, as on the module path.
     """
 
     @staticmethod
-    def forward(ctx, x, specs, *params):
+    def forward(ctx, x, specs, compute, *params):
         convs = [s[0] for s in specs]
         ws, cbs, gs, bs = params[0::4], params[1::4], params[2::4], params[3::4]
         outs, stats = [], []
+        ctx.x_dtype = x.dtype
 
         def layer(i, t, act):
-            c = _conv(t, ws[i], cbs[i], convs[i])
+            c = _conv(t, ws[i].to(compute), _cast(cbs[i], compute), convs[i])
             out, s = _bn(c, gs[i], bs[i], specs[i][1])
             outs.append(c)
             stats.extend(s)
             return F.relu_(out) if act else out
 
-        a1 = layer(0, x, True)
-        s = layer(2, layer(1, a1, True), False).add_(a1)  # x + conv2(x)
-        out = layer(4, layer(3, s, True), False)
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(compute)  # what the first conv keeps on the module path
+            a1 = layer(0, x, True)
+            s = layer(2, layer(1, a1, True), False).add_(a1)  # x + conv2(x)
+            out = layer(4, layer(3, s, True), False)
         ctx.specs = specs
         ctx.save_for_backward(x, *params, *outs, *stats)
         return out.permute(0, 2, 3, 1)
@@ -380,51 +429,60 @@ class StemFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        saved = ctx.saved_tensors
-        x, params, outs, stats = saved[0], saved[1:21], saved[21:26], saved[26:]
-        ws, cbs, gs, bs = params[0::4], params[1::4], params[2::4], params[3::4]
-        specs = ctx.specs
-        need = ctx.needs_input_grad[2:]
-        grads = [None] * 20
+        with torch.autocast(grad.device.type, enabled=False):
+            return _stem_backward(ctx, grad)
 
-        def normalised(i, act):
-            training, eps = specs[i][1][2], specs[i][1][4]
-            t = _normalise(outs[i], gs[i], bs[i], stats[2 * i : 2 * i + 2], training, eps)
-            return F.relu_(t) if act else t
 
-        def backward(i, g, t, below):
-            """Layer ``i``'s BatchNorm and conv backward from the gradient ``g`` of its
-            normalised output, given the conv's input ``t``; the gradient of ``t`` if
-            ``below``."""
-            training, eps = specs[i][1][2], specs[i][1][4]
-            n_w, n_cb, n_g, n_b = need[4 * i : 4 * i + 4]
-            gc, grads[4 * i + 2], grads[4 * i + 3] = _bn_backward(
-                g, outs[i], gs[i], stats[2 * i : 2 * i + 2], training, eps,
-                [below or n_w or n_cb, n_g, n_b],
-            )  # fmt: skip
-            gt, grads[4 * i], grads[4 * i + 1] = _conv_backward(
-                gc, t, ws[i], cbs[i], specs[i][0], below, n_w, n_cb
-            )
-            return gt
+def _stem_backward(ctx, grad):
+    """:meth:`StemFunction.backward` (autocast off)."""
+    saved = ctx.saved_tensors
+    x, params, outs, stats = saved[0], saved[1:21], saved[21:26], saved[26:]
+    ws, cbs, gs, bs = params[0::4], params[1::4], params[2::4], params[3::4]
+    compute = x.dtype  # the image as the first conv saw it
+    specs = ctx.specs
+    need = ctx.needs_input_grad[3:]
+    grads = [None] * 20
 
-        before = [any(need[: 4 * i]) or ctx.needs_input_grad[0] for i in range(5)]
-        a3 = normalised(3, True)
-        g = backward(4, grad.permute(0, 3, 1, 2), a3, before[4])
-        if before[4]:
-            g = torch.ops.aten.threshold_backward(g, a3, 0)
-            del a3
-            a1 = normalised(0, True)
-            g = backward(3, g, normalised(2, False).add_(a1), before[3])  # the residual sum
-        if before[3]:
-            a2 = normalised(1, True)
-            g2 = backward(2, g, a2, before[2])
-            if before[2]:
-                g2 = backward(1, torch.ops.aten.threshold_backward(g2, a2, 0), a1, before[1])
-            del a2
-        if before[1]:
-            g = torch.ops.aten.threshold_backward(g + g2, a1, 0)  # both branches of the residual
-            g = backward(0, g, x, before[0])
-        return g if ctx.needs_input_grad[0] else None, None, *grads
+    def normalised(i, act):
+        training, eps = specs[i][1][2], specs[i][1][4]
+        t = _normalise(outs[i], gs[i], bs[i], stats[2 * i : 2 * i + 2], training, eps)
+        return (F.relu_(t) if act else t).to(compute)  # BatchNorm's output dtype
+
+    def backward(i, g, t, below):
+        """Layer ``i``'s BatchNorm and conv backward from the gradient ``g`` of its
+        normalised output, given the conv's input ``t``; the gradient of ``t`` if
+        ``below``."""
+        training, eps = specs[i][1][2], specs[i][1][4]
+        n_w, n_cb, n_g, n_b = need[4 * i : 4 * i + 4]
+        gc, grads[4 * i + 2], grads[4 * i + 3] = _bn_backward(
+            g, outs[i], gs[i], stats[2 * i : 2 * i + 2], training, eps,
+            [below or n_w or n_cb, n_g, n_b],
+        )  # fmt: skip
+        gt, grads[4 * i], grads[4 * i + 1] = _conv_backward(
+            gc, t, ws[i].to(compute), _cast(cbs[i], compute), specs[i][0], below, n_w, n_cb
+        )
+        return gt
+
+    before = [any(need[: 4 * i]) or ctx.needs_input_grad[0] for i in range(5)]
+    a3 = normalised(3, True)
+    g = backward(4, grad.permute(0, 3, 1, 2), a3, before[4])
+    if before[4]:
+        g = torch.ops.aten.threshold_backward(g, a3, 0)
+        del a3
+        a1 = normalised(0, True)
+        g = backward(3, g, normalised(2, False).add_(a1), before[3])  # the residual sum
+    if before[3]:
+        a2 = normalised(1, True)
+        g2 = backward(2, g, a2, before[2])
+        if before[2]:
+            g2 = backward(1, torch.ops.aten.threshold_backward(g2, a2, 0), a1, before[1])
+        del a2
+    if before[1]:
+        g = torch.ops.aten.threshold_backward(g + g2, a1, 0)  # both branches of the residual
+        g = backward(0, g, x, before[0])
+    grads = [None if g is None else g.to(p.dtype) for g, p in zip(grads, params)]
+    g = g.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+    return g, None, None, *grads
 
 
 def stem_forward(stem: nn.Module, x: torch.Tensor, recomputing: bool) -> torch.Tensor:
@@ -443,7 +501,7 @@ def stem_forward(stem: nn.Module, x: torch.Tensor, recomputing: bool) -> torch.T
     specs = tuple((_conv_spec(m.conv), _bn_setup(m.norm, not recomputing)) for m in layers)
     params = [p for m in layers for p in (m.conv.weight, m.conv.bias, m.norm.weight, m.norm.bias)]
     with torch.profiler.record_function('mlla.train_path.Stem'):
-        return StemFunction.apply(x, specs, *params)
+        return StemFunction.apply(x, specs, _compute_dtype(x), *params)
 
 
 # --------------------------------------------------------------------------------------------

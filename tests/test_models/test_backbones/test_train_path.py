@@ -174,22 +174,29 @@ def test_mlp_unit_keeps_only_gelu_input_and_gives_the_module_result():
         assert train_path.why_not_train_path(mlp, x) == 'autocast is on'
 
 
-def _module_and_unit(module, x, watch):
+def _module_and_unit(module, x, watch, autocast=False):
     """Outputs, gradients (input, then parameters), saved bytes and buffers after the step, of
     the training unit and of the module forward (selected by a hook on ``watch``); each from
-    the same starting buffers."""
+    the same starting buffers; under CPU bf16 autocast if ``autocast``."""
     from mlla_mm.models.backbones import train_path
+
+    def forward(x):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            return module(x)
 
     start = {k: v.clone() for k, v in module.state_dict().items()}
     results = []
     for hooked in (False, True):
         module.load_state_dict(start)
         handle = watch.register_forward_hook(lambda *a: None) if hooked else None
-        assert (train_path.why_not_train_path(module, x) is None) != hooked
-        saved = _saved_bytes(module, x)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            why = train_path.why_not_train_path(module, x, autocast=True)
+        assert (why is None) != hooked
+        saved = _saved_bytes(forward, x)
         module.load_state_dict(start)
-        out = module(x)
-        g = torch.sin(torch.arange(out.numel(), dtype=out.dtype)).view(out.shape)
+        out = forward(x)
+        g = torch.sin(torch.arange(out.numel(), dtype=torch.float64)).to(out.dtype)
+        g = g.view(out.shape)
         grads = torch.autograd.grad((out * g).sum(), [x, *module.parameters()])
         buffers = {k: v.clone() for k, v in module.named_buffers()}
         results.append((out, grads, saved, buffers))
@@ -395,3 +402,118 @@ def test_block_unit_saves_six_token_tensors(autocast):
         handle.remove()
     assert lean == (4 * token if autocast else 6 * token)  # x, x2; p, a, qk (bf16 in autocast)
     assert plain >= (11 if autocast else 18) * token
+
+
+def _assert_same_under_autocast(unit, plain, names):
+    """The unit's step against the module's under bf16 autocast: the same output (dtype and
+    values: the same casts and kernels) and running statistics; gradients in the same dtypes,
+    within bf16 rounding (products summed over bands, and the recomputed BatchNorm outputs)."""
+    (out, grads, _, buffers), (out_ref, grads_ref, _, buffers_ref) = unit, plain
+    assert out.dtype == out_ref.dtype == torch.bfloat16
+    assert torch.equal(out, out_ref)
+    for name, g, r in zip(names, grads, grads_ref, strict=True):
+        assert g.dtype == r.dtype, name
+        if r.float().norm() <= 1e-3 * grads_ref[1].float().norm():
+            continue  # a conv bias right before a training-mode BatchNorm: zero up to rounding
+        err = ((g.float() - r.float()).norm() / r.float().norm()).item()
+        assert err <= 1e-2, (name, err)
+    for name, b in buffers.items():
+        assert torch.equal(b, buffers_ref[name]), name
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=['fp32_in', 'bf16_in'])
+@pytest.mark.parametrize('chunk', [None, 3000], ids=['whole', 'bands'])
+def test_patch_merging_unit_under_autocast(monkeypatch, chunk, dtype):
+    """Under CPU bf16 autocast the patch merging's unit makes autocast's casts itself: the
+    convs in bf16 (BatchNorm and ReLU in their input's, bf16), the same output, gradients and
+    running statistics as the module forward; it keeps the bf16 copy of its input the first
+    conv sees and the bf16 projection, not the bf16 weight copies and ReLU outputs."""
+    from mlla_mm.models.backbones import fast_path
+
+    if chunk is not None:
+        monkeypatch.setattr(fast_path, 'CHUNK_ELEMENTS', chunk)
+    torch.manual_seed(0)
+    merging = mlla_module.PatchMerging(6).train()
+    randomise_bn(merging)
+    x = torch.randn(2, 14, 8, 6).to(dtype).requires_grad_()
+    unit, plain = _module_and_unit(merging, x, merging.conv[2].conv, autocast=True)
+    names = ['input'] + [n for n, _ in merging.named_parameters()]
+    _assert_same_under_autocast(unit, plain, names)
+    assert unit[3]['conv.2.norm.num_batches_tracked'].item() == 1
+    lean, module = unit[2], plain[2]
+    params = sum(p.numel() for p in merging.parameters()) - 12 - 12  # no project bias, BN bias
+    y = 2 * 7 * 4 * 12  # the projection (B, H/2, W/2, 2C), bf16
+    assert lean == (x.numel() + y) * 2 + (params + 2 * 12) * 4  # BatchNorm statistics float32
+    hidden = 2 * 14 * 8 * 48 + 2 * 7 * 4 * 48  # the two bf16 ReLU outputs
+    # the module keeps those too, and bf16 copies of the weights instead of the weights
+    assert module >= lean - params * 4 + hidden * 2
+
+
+@pytest.mark.parametrize('bn_eval', [False, True], ids=['bn_train', 'bn_eval'])
+def test_stem_unit_under_autocast(bn_eval):
+    """Under CPU bf16 autocast the stem's unit runs its convs in bf16, BatchNorm on their bf16
+    outputs with float32 statistics, the ReLUs and the residual sum in bf16, as the module
+    forward: the same output and running statistics, gradients within bf16 rounding; it keeps
+    the bf16 image the first conv sees and the bf16 conv outputs."""
+    torch.manual_seed(0)
+    stem = mlla_module.Stem(3, 16).train()
+    randomise_bn(stem)
+    if bn_eval:
+        for m in stem.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+    x = torch.randn(2, 3, 20, 28).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    unit, plain = _module_and_unit(stem, x, stem.conv3[1].conv, autocast=True)
+    names = ['input'] + [n for n, _ in stem.named_parameters()]
+    _assert_same_under_autocast(unit, plain, names)
+    tracked = [v.item() for k, v in unit[3].items() if k.endswith('num_batches_tracked')]
+    assert tracked == [0 if bn_eval else 1] * 5
+    lean, module = unit[2], plain[2]
+    half, quarter = 10 * 14 * 2, 5 * 7 * 2  # pixels of a batch at strides 2 and 4
+    convs = half * (8 + 8 + 8) + quarter * (64 + 16)
+    params = sum(p.numel() for p in stem.parameters())
+    stats = 2 * (8 + 8 + 8 + 64 + 16)
+    assert lean == (x.numel() + convs) * 2 + (params + stats) * 4
+    # the module keeps the ReLU outputs and the residual sum too, and bf16 weight copies
+    assert module >= lean - params * 4 + (half * 8 * 3 + quarter * 64) * 2
+
+
+def test_autocast_step_takes_the_stem_and_merging_units(monkeypatch):
+    """A bf16 autocast training step of the backbone runs the stem's and the mergings' units."""
+    from mlla_mm.models.backbones import train_path
+
+    calls = []
+    for name in ('stem_forward', 'patch_merging_forward'):
+        unit = getattr(train_path, name)
+        monkeypatch.setattr(
+            train_path, name, lambda *a, unit=unit: calls.append(1) or unit(*a)
+        )  # fmt: skip
+    model = _pair(drop_path_rate=0.0).float().train()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        outs = model(torch.randn(2, 3, 45, 61))
+    sum(o.float().square().mean() for o in outs).backward()
+    assert len(calls) == 4
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_compiled_training_step_is_one_graph_with_the_eager_gradients():
+    """``torch.compile`` of a training step (the units step aside while compiling, so the
+    compiler plans the module forward): one graph, no graph break (``torch._dynamo.explain``),
+    and through AOTAutograd (``aot_eager``: inductor's passes without its C++ compile) the
+    eager step's gradients."""
+    torch.manual_seed(0)
+    model = MLLA(arch=TINY_ARCH, drop_path_rate=0.0, out_indices=(1,)).train()
+    x = torch.randn(2, 3, 64, 96)
+
+    def loss(m):
+        return sum(o.square().mean() for o in m(x))
+
+    explanation = torch._dynamo.explain(loss)(model)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0)
+    loss(model).backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    loss(torch.compile(model, backend='aot_eager')).backward()
+    for name, g in eager.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, g, msg=name)
