@@ -9,8 +9,9 @@ forward runs, with the same result. Conditions (:func:`why_not_train_path`):
    autograd there is nothing to save);
 3. not traced, compiled or exported;
 4. autocast off and the input float32 or float64, except for the units of the block, the
-   stem and the patch merging, which make autocast's casts themselves
-   (``why_not_train_path(..., autocast=True)``);
+   stem and the patch merging, which make CPU autocast's casts themselves
+   (``why_not_train_path(..., autocast=True)``; on other devices autocast's policy differs,
+   e.g. CUDA's runs LayerNorm in float32, so there the module forward runs under autocast);
 5. no tensor subclass, no ``TorchDispatchMode`` or ``TorchFunctionMode`` active;
 6. every submodule is exactly its standard type and has no hooks; no global module hooks.
 
@@ -90,6 +91,8 @@ def why_not_train_path(module: nn.Module, x: torch.Tensor, autocast: bool = Fals
     if torch.is_autocast_enabled(x.device.type):
         if not autocast:
             return 'autocast is on'
+        if x.device.type != 'cpu':  # CUDA autocast also moves LayerNorm to float32, for one
+            return f"autocast on {x.device.type}: the units make CPU autocast's casts only"
     elif x.dtype not in (torch.float32, torch.float64):
         return 'the input is neither float32 nor float64 (and autocast is off)'
     if type(x) is not torch.Tensor or any(type(p) is not nn.Parameter for p in params):
