@@ -269,21 +269,22 @@ def feature_attention_backward(
     ``dtype``; returned in the inputs' dtypes). The backward of :class:`_FeatureAttention`, and
     of the training unit of a whole block (:mod:`.train_path`), which also takes the forward
     output, recomputed on the way, in ``out`` (a (B, N, C) tensor of ``dtype``) if given."""
-    qk, v, grad = qk_in.to(dtype), v_in.to(dtype), grad.to(dtype)
-    features = _positive_features(qk)  # (B, N, 2, C): q and k
-    n, c = features.shape[1], features.shape[3]
-    cos, sin = (t.reshape(n, 1, c // 2) for t in rope_tables(h, w, c, qk.device, dtype))
-    rotated = apply_rope(features, cos, sin)  # q and k rotated at once
-    grad_rotated = torch.empty_like(rotated)
-    grad_features, grad_v = torch.empty_like(features), torch.empty_like(v)
+    b, n, c = v_in.shape
+    cos, sin = (t.reshape(n, 1, c // 2) for t in rope_tables(h, w, c, qk_in.device, dtype))
+    grad_qk, grad_v = torch.empty_like(qk_in), torch.empty_like(v_in)
 
     def split(t):  # (N, C) -> (heads, N, d), a view
         return t.unflatten(-1, (heads, -1)).transpose(0, 1)
 
-    for i in range(qk.shape[0]):  # per image: the per-head views fold without a copy
-        qh, kh = (split(t) for t in features[i].unbind(1))
-        q_rope, k_rope = (split(t) for t in rotated[i].unbind(1))
-        vh, gh = split(v[i]), split(grad[i])
+    for i in range(b):  # per image: the per-head views fold without a copy, and the
+        # full-precision temporaries below exist for one image at a time
+        qk, v, gi = qk_in[i].to(dtype), v_in[i].to(dtype), grad[i].to(dtype)
+        features = _positive_features(qk[None])[0]  # (N, 2, C): q and k
+        rotated = apply_rope(features, cos, sin)  # q and k rotated at once
+        grad_rotated, grad_features = torch.empty_like(rotated), torch.empty_like(features)
+        qh, kh = (split(t) for t in features.unbind(1))
+        q_rope, k_rope = (split(t) for t in rotated.unbind(1))
+        vh, gh = split(v), split(gi)
         k_mean = kh.mean(dim=1, keepdim=True)  # (heads, 1, d)
         z = 1.0 / (qh @ k_mean.transpose(-2, -1) + 1e-6)  # (heads, N, 1)
         kv = (k_rope.transpose(-2, -1) @ vh) * (1.0 / n)  # (heads, d, d)
@@ -294,18 +295,18 @@ def feature_attention_backward(
             torch.mul(attended, z, out=split(out[i]))
         grad_s = (gh * attended).sum(-1, keepdim=True).mul_(z).mul_(z).neg_()
         grad_kv = (q_rope.transpose(-2, -1) @ g) * (1.0 / n)  # with kv's 1 / N
-        grad_q_rope, grad_k_rope = (split(t) for t in grad_rotated[i].unbind(1))
+        grad_q_rope, grad_k_rope = (split(t) for t in grad_rotated.unbind(1))
         torch.matmul(g, kv.transpose(-2, -1), out=grad_q_rope)
         torch.matmul(vh, grad_kv.transpose(-2, -1), out=grad_k_rope)
-        torch.matmul(k_rope, grad_kv, out=split(grad_v[i]))
+        grad_v[i] = (k_rope @ grad_kv).transpose(0, 1).flatten(1)
         # token-major views (N, heads, d), written in memory order
-        grad_q, grad_k = (t.unflatten(-1, (heads, -1)) for t in grad_features[i].unbind(1))
+        grad_q, grad_k = (t.unflatten(-1, (heads, -1)) for t in grad_features.unbind(1))
         torch.mul(grad_s.transpose(0, 1), k_mean.transpose(0, 1), out=grad_q)  # the normaliser
         grad_k.copy_(((grad_s.transpose(-2, -1) @ qh) * (1.0 / n)).transpose(0, 1))  # mean(k)
-    # RoPE is a rotation: its transpose rotates back (apply_rope with -sin)
-    grad_features += apply_rope(grad_rotated, cos, -sin)
-    grad_qk = torch.ops.aten.elu_backward(grad_features.flatten(2), 1.0, 1, 1, False, qk)
-    return grad_qk.to(qk_in.dtype), grad_v.to(v_in.dtype)
+        # RoPE is a rotation: its transpose rotates back (apply_rope with -sin)
+        grad_features += apply_rope(grad_rotated, cos, -sin)
+        grad_qk[i] = torch.ops.aten.elu_backward(grad_features.flatten(1), 1.0, 1, 1, False, qk)
+    return grad_qk, grad_v
 
 
 def feature_attention(
