@@ -10,20 +10,38 @@ left unfused because the linears see 4-D tokens, and transposes of q, k, v and o
 copies for the per-head products.
 
 :func:`export_friendly` returns a copy of a model in which every MLLA stage is replaced by an
-equivalent built from the same parameters:
+equivalent built from the same parameters. Common to both layouts (``layout=``):
 
-* tokens stay a 2-D ``(B * H * W, C)`` matrix between the depthwise convolutions, so every linear
-  is one ``Gemm`` with its bias (and activation) fused;
-* RoPE tables are computed once per stage, in the per-head layout, and RoPE is moved off the
-  token tensors: with ``q_rope = q * cos + swap(q * sin_signed)`` (``swap`` exchanging the
-  channels of each pair), ``q_rope @ kv = (q * cos) @ kv + (q * sin_signed) @ (P @ kv)`` and
-  ``kv = (k * cos)^T v + P @ ((k * sin_signed)^T v)``, where ``P`` is the pair-swap permutation
-  of a head (``d x d``): the swap acts on the small ``d x d`` matrices, the big tensors only get
-  multiplied by tables;
-* the normaliser's ``mean(k)`` is a ``(1 x N) @ (N x C)`` product (a ``ReduceMean`` over the
-  token axis is strided, and slow in onnxruntime);
+* RoPE tables are computed once per stage, already in the layout of the per-head products, and
+  RoPE is moved off the token tensors: with ``q_rope = q * cos + swap(q * sin_signed)``
+  (``swap`` exchanging the channels of each pair), ``q_rope @ kv = (q * cos) @ kv +
+  (q * sin_signed) @ (P @ kv)`` and ``kv = (k * cos)^T v + P @ ((k * sin_signed)^T v)``, where
+  ``P`` is the pair-swap permutation of a head (``d x d``): the swap acts on the small ``d x d``
+  matrices, the big tensors only get multiplied by tables;
+* the normaliser's ``mean(k)`` is no strided ``ReduceMean`` over the token axis (slow in
+  onnxruntime): a matrix-vector product (nhwc), a mean over the contiguous token axis (nchw);
 * q and k are two linears (the rows of the ``qk`` weight), so no slicing of their output;
-* BatchNorm is folded into the preceding convolution (stem, patch merging).
+* BatchNorm is folded into the preceding convolution (stem, patch merging);
+* the affine part of each stage's output LayerNorm is a 1x1 depthwise convolution
+  (:class:`OutputNorm`): under a bf16 precision hint OpenVINO keeps every node between an output
+  and the last convolution or matrix product before it in float32, and with a LayerNorm there
+  that reached back through the whole chain of residual additions, each with reorders.
+
+``layout='nchw'`` (the default, :class:`ExportStageNCHW`): tokens stay ``(B, C, H, W)`` through a
+stage, so the depthwise convolutions (CPE, DWC, LePE) need no transposes, the linears are 1x1
+convolutions (both runtimes keep them in their blocked or channels-last layouts, fused with bias,
+residual add and activation where they can), LayerNorm is a reduction over the channel axis, and
+the per-head layout ``(B, heads, d, H * W)`` of the attention products is a reshape. The products
+are taken transposed (``kv^T = v @ k_rope^T``, ``out = kv^T @ q_rope``), the cosine and sine
+products of q (and of k) stacked into one ``(B, heads, 2d, N)`` tensor so that each product is one
+``MatMul``, the normaliser folded into that same element-wise pass on q, and the RoPE tables made
+from the sines and cosines of the ``dim / 2 x (H + W)`` distinct angles (no ``Expand``: OpenVINO
+runs it, and ``Sin``/``Cos``, with reference kernels).
+
+``layout='nhwc'`` (:class:`ExportStage`): tokens stay a 2-D ``(B * H * W, C)`` matrix between the
+depthwise convolutions (a transpose to NCHW and back around each), every linear is one ``Gemm``
+with bias and activation fused; stages with few heads compute the products for all heads at once.
+Slower than ``nchw`` in onnxruntime and OpenVINO on the CPU measured (``docs/deployment.md``).
 
 The copy is exact up to float rounding (``tests/test_deploy/test_export_friendly.py``) and can be
 run eagerly too (it never takes the fused CPU path of :mod:`~mlla_mm.models.backbones.fast_path`,
@@ -41,7 +59,21 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from mlla_mm.models.backbones.mlla import MLLA, ConvLayer, MLLABlock, MLLAStage
 
-__all__ = ['FULL_WIDTH_HEADS', 'ExportBlock', 'ExportStage', 'export_friendly', 'rope_head_tables']
+__all__ = [
+    'FULL_WIDTH_HEADS',
+    'LAYOUTS',
+    'ExportBlock',
+    'ExportBlockNCHW',
+    'ExportStage',
+    'ExportStageNCHW',
+    'OutputNorm',
+    'export_friendly',
+    'rope_channel_tables',
+    'rope_head_tables',
+]
+
+#: Token layouts of :func:`export_friendly`, the default first.
+LAYOUTS = ('nchw', 'nhwc')
 
 #: Stages with at most this many heads compute the attention products for all heads at once
 #: (:meth:`ExportBlock._attention_full_width`); more heads use the per-head layout.
@@ -71,6 +103,25 @@ def rope_head_tables(
     sign = 1.0 - 2.0 * (torch.arange(dim // heads, device=like.device) % 2)  # +1, -1, +1, ...
     sign = sign.to(torch.float32)
     return torch.cos(angles).to(like.dtype), (torch.sin(angles) * sign).to(like.dtype)
+
+
+def rope_channel_tables(h, w, dim: int, like: torch.Tensor, base: float = 10000.0):
+    """:func:`rope_head_tables` in the channel-major layout ``(dim, h * w)`` (reshape to
+    ``(heads, d, h * w)``): sine and cosine of the ``dim / 2 x (h + w)`` distinct angles, then
+    expanded over the grid (exactly the values of :func:`rope_head_tables`)."""
+    k_max = dim // 4
+    theta = 1.0 / (base ** (torch.arange(k_max, dtype=torch.float32) / k_max))
+    theta = theta.repeat_interleave(2).to(like.device)[:, None]  # (dim / 2, 1)
+    rows = theta * torch.arange(h, device=like.device, dtype=torch.float32)  # (dim / 2, h)
+    cols = theta * torch.arange(w, device=like.device, dtype=torch.float32)  # (dim / 2, w)
+    sign = (1.0 - 2.0 * (torch.arange(dim, device=like.device) % 2)).to(torch.float32)[:, None]
+
+    def grid(f):  # broadcast by adding zeros: OpenVINO runs Expand with a reference kernel
+        r, c = f(rows), f(cols)
+        r, c = r[:, :, None] + 0.0 * c[:, None, :], c[:, None, :] + 0.0 * r[:, :, None]
+        return torch.cat([r, c]).reshape(dim, h * w)
+
+    return grid(torch.cos).to(like.dtype), (grid(torch.sin) * sign).to(like.dtype)
 
 
 def _pair_swap(d: int) -> torch.Tensor:
@@ -195,6 +246,134 @@ class ExportStage(nn.Module):
         return t.reshape(b, h, w, c)
 
 
+def _conv1x1(linear: nn.Linear, rows: slice | None = None) -> nn.Conv2d:
+    """``linear`` (or its output rows ``rows``) as a 1x1 convolution on NCHW tokens."""
+    weight = linear.weight if rows is None else linear.weight[rows]
+    bias = linear.bias if rows is None or linear.bias is None else linear.bias[rows]
+    out = nn.Conv2d(weight.shape[1], weight.shape[0], 1, bias=bias is not None)
+    out.weight = nn.Parameter(weight.detach()[:, :, None, None].clone(), requires_grad=False)
+    if bias is not None:
+        out.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return out
+
+
+def _layer_norm_nchw(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm`` over the channels of NCHW tokens (``ReduceMean`` over axis 1; a transpose to
+    ``LayerNormalization`` and back measured slower in both runtimes)."""
+    xc = x - x.mean(1, keepdim=True)
+    var = xc.pow(2).mean(1, keepdim=True)
+    y = xc / torch.sqrt(var + norm.eps)
+    return y * norm.weight[:, None, None] + norm.bias[:, None, None]
+
+
+class ExportBlockNCHW(nn.Module):
+    """:class:`~mlla_mm.models.backbones.mlla.MLLABlock` on NCHW tokens ``(B, C, H, W)``: the
+    depthwise convolutions need no transposes, the linears are 1x1 convolutions, LayerNorm is a
+    reduction over the channel axis, and the per-head layout ``(B, heads, d, N)`` is a reshape."""
+
+    def __init__(self, block: MLLABlock) -> None:
+        super().__init__()
+        attn = block.attn
+        self.dim, self.heads = attn.dim, attn.num_heads
+        self.cpe1, self.norm1, self.cpe2, self.norm2 = (
+            block.cpe1,
+            block.norm1,
+            block.cpe2,
+            block.norm2,
+        )
+        self.dwc, self.act, self.lepe = block.dwc, block.act, attn.lepe
+        self.in_proj, self.act_proj = _conv1x1(block.in_proj), _conv1x1(block.act_proj)
+        self.out_proj = _conv1x1(block.out_proj)
+        self.q = _conv1x1(attn.qk, slice(0, self.dim))
+        self.k = _conv1x1(attn.qk, slice(self.dim, 2 * self.dim))
+        self.fc1, self.fc2 = _conv1x1(block.mlp.fc1), _conv1x1(block.mlp.fc2)
+        self.gelu = block.mlp.act
+        d = self.dim // self.heads
+        eye_swap = torch.cat([torch.eye(d), _pair_swap(d)])  # (2d, d): [I; P]
+        self.register_buffer('eye_swap', eye_swap, persistent=False)
+
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        """Tokens ``(B, C, H, W)`` -> the same; ``cos_sin``: the tables of
+        :func:`rope_channel_tables` stacked as ``(heads, 2, d, H * W)``."""
+        x = x + self.cpe1(x)
+        xn = _layer_norm_nchw(self.norm1, x)
+        gate = self.act(self.act_proj(xn))
+        a = self.act(self.dwc(self.in_proj(xn)))
+        x = x + self.out_proj(self._attention(a, cos_sin) * gate)
+        x = x + self.cpe2(x)
+        return x + self.fc2(self.gelu(self.fc1(_layer_norm_nchw(self.norm2, x))))
+
+    def _attention(self, a: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        """:func:`~mlla_mm.models.backbones.mlla.linear_attention` + LePE on NCHW tokens ``a``,
+        transposed: per head, with q, k, v as ``d x N`` matrices, ``out = kv^T @ q_rope`` and
+        ``kv^T = v @ k_rope^T`` (``d x d``), so that every product reads the channel-major tokens
+        as they are."""
+        b, c, h, w = a.shape
+        n, heads, d = h * w, self.heads, self.dim // self.heads
+        q = F.elu(self.q(a)) + 1.0
+        k = F.elu(self.k(a)) + 1.0
+        lepe = self.lepe(a)
+
+        def split(t):  # (B, C, H, W) -> (B, heads, d, N), a reshape
+            return t.reshape(b, heads, c // heads, n)
+
+        q, k, v = split(q), split(k), split(a)
+        k_mean = k.mean(-1, keepdim=True)  # (B, heads, d, 1): over the contiguous token axis
+        z = 1.0 / (k_mean.transpose(-2, -1) @ q + 1e-6)  # (B, heads, 1, N), un-rotated q, k
+        # RoPE'd q and k: both table products in one (B, heads, 2d, N) tensor, so that each
+        # product with kv^T is one MatMul over 2d rows; [I; P] and [I, P] apply the pair swap
+        k_cs = (k.unsqueeze(2) * cos_sin).reshape(b, heads, 2 * d, n)
+        # the normaliser z scales the columns (tokens) of the output: applied to q_rope instead,
+        # in the same pass as the tables
+        q_cs = (q.unsqueeze(2) * cos_sin * z.unsqueeze(2)).reshape(b, heads, 2 * d, n)
+        kv_t = (v @ k_cs.transpose(-2, -1)) @ self.eye_swap * (1.0 / n)  # (B, heads, d, d)
+        out = (kv_t @ self.eye_swap.transpose(0, 1)) @ q_cs
+        return out.reshape(b, c, h, w) + lepe
+
+
+class ExportStageNCHW(nn.Module):
+    """:class:`~mlla_mm.models.backbones.mlla.MLLAStage` of :class:`ExportBlockNCHW` s: same call
+    (``(B, H, W, C)`` tokens in and out, one transpose each way; ``downsample`` kept for the
+    backbone to call), NCHW tokens inside, RoPE tables computed once for all blocks."""
+
+    def __init__(self, stage: MLLAStage) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(ExportBlockNCHW(block) for block in stage.blocks)
+        self.downsample = stage.downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.blocks:
+            return x
+        b, h, w, c = x.shape
+        heads = self.blocks[0].heads
+        cos_sin = torch.stack(rope_channel_tables(h, w, c, x)).reshape(2, heads, c // heads, h * w)
+        cos_sin = cos_sin.transpose(0, 1)  # (heads, 2, d, N)
+        t = x.permute(0, 3, 1, 2)
+        for block in self.blocks:
+            t = block(t, cos_sin)
+        return t.permute(0, 2, 3, 1)
+
+
+class OutputNorm(nn.Module):
+    """A stage's output LayerNorm (channels-last tokens in and out) with its affine part as a 1x1
+    depthwise convolution: OpenVINO keeps the graph's tail (every node between an output and
+    the last convolution or matrix product before it) in float32 under a bf16 precision hint;
+    ending in a LayerNorm, that tail reached back through the whole chain of residual additions
+    (measured: the residual adds in float32, with bf16 <-> f32 reorders around each)."""
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        c = norm.normalized_shape[0]
+        self.shape, self.eps = (c,), norm.eps
+        self.affine = nn.Conv2d(c, c, 1, groups=c)
+        self.affine.weight = nn.Parameter(norm.weight.detach().reshape(c, 1, 1, 1).clone(), False)
+        self.affine.bias = nn.Parameter(norm.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x, self.shape, eps=self.eps)
+        return self.affine(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
 def _fold_batch_norms(module: nn.Module) -> None:
     """Fold the eval-mode BatchNorm of every :class:`ConvLayer` into its convolution."""
     for m in module.modules():
@@ -203,17 +382,21 @@ def _fold_batch_norms(module: nn.Module) -> None:
             m.norm = None
 
 
-def export_friendly(model: nn.Module) -> nn.Module:
+def export_friendly(model: nn.Module, layout: str = 'nchw') -> nn.Module:
     """A copy of ``model`` (in eval mode) with every MLLA backbone inside rewritten for ONNX
-    runtimes: stages of :class:`ExportStage`, BatchNorm folded into the convolutions.
+    runtimes: stages of :class:`ExportStageNCHW` (``layout='nchw'``) or :class:`ExportStage`
+    (``'nhwc'``), output norms of :class:`OutputNorm`, BatchNorm folded into the convolutions.
 
     ``model`` may be an :class:`MLLA` or any module holding one (a segmentor, a detector, the
     wrappers of :mod:`mlla_mm.deploy.wrappers`, ``MaskRCNNGraph``).
     Inference only: the copy's parameters do not require gradients. Models without an MLLA are
     returned as they are.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
     if not any(isinstance(m, MLLA) for m in model.modules()):
         return model
+    stage_type = ExportStageNCHW if layout == 'nchw' else ExportStage
     model = copy.deepcopy(model).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -224,5 +407,8 @@ def export_friendly(model: nn.Module) -> nn.Module:
         _fold_batch_norms(backbone)
         for i, stage in enumerate(backbone.layers):
             if isinstance(stage, MLLAStage):
-                backbone.layers[i] = ExportStage(stage)
+                backbone.layers[i] = stage_type(stage)
+        for name, norm in list(backbone.named_children()):
+            if name.startswith('norm') and isinstance(norm, nn.LayerNorm):
+                setattr(backbone, name, OutputNorm(norm))
     return model

@@ -38,10 +38,12 @@ __all__ = [
 
 #: Nodes of the rewritten backbone export kept in float by default (regular expressions over ONNX
 #: node names): the attention products (``k^T v`` sums over every token, and quantising both of
-#: its activations cost most of the accuracy) and the stem's first convolution (the image).
+#: its activations cost most of the accuracy), the stem's first convolution (the image) and the
+#: output norms (:class:`~.export_friendly.OutputNorm`: a quantiser on its depthwise 1x1
+#: convolution's input is rejected by OpenVINO's ONNX reader at dynamic sizes).
 #: On the toy detector: everything int8, bbox mAP_50 -0.009 (onnxruntime) / -0.010 (OpenVINO);
 #: with these in float -0.003 / -0.004 (docs/deployment.md).
-FLOAT_NODES = (r'.*/blocks\.[0-9]+/MatMul.*', r'/patch_embed/conv1/.*')
+FLOAT_NODES = (r'.*/blocks\.[0-9]+/MatMul.*', r'/patch_embed/conv1/.*', r'/norm[0-9]+/.*')
 
 
 def backbone_inputs(cfg: Config, detector: nn.Module, split: str = 'train', num: int = 32):

@@ -196,6 +196,7 @@ def benchmark_models(
     warmup: int = 1,
     optimize: bool = True,
     plain: bool = False,
+    layout: str = 'nchw',
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> dict[str, list[float]]:
@@ -213,6 +214,7 @@ def benchmark_models(
         threads: Threads of every runtime.
         optimize: Export MLLA models through :func:`.export_friendly.export_friendly`.
         plain: Also time onnxruntime on the export without the rewrite (``<name>_plain.onnx``).
+        layout: Token layout of the rewrite (:data:`.export_friendly.LAYOUTS`).
 
     Returns:
         dict: ``'<model> <runtime>'`` -> seconds of each repeat.
@@ -230,7 +232,7 @@ def benchmark_models(
         for suffix, path in files.items():
             if not os.path.exists(path) and any(RUNTIMES[r][0] != 'torch' for r in runtimes):
                 log(f'exporting {name}{suffix} to {path}')
-                exported = export_friendly(model) if optimize and not suffix else model
+                exported = export_friendly(model, layout) if optimize and not suffix else model
                 if type(model).__name__ == 'MaskRCNNGraph':  # one image, dynamic size
                     from mlla_mm.deploy.mask_rcnn_export import export_detector_onnx
 

@@ -24,6 +24,7 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 from mlla_mm.analysis.benchmark.measure import parse_size
 from mlla_mm.analysis.benchmark.peers import ARCH_ALIASES, PEERS, build_peer
 from mlla_mm.deploy import build_whole_model
+from mlla_mm.deploy.export_friendly import LAYOUTS
 from mlla_mm.deploy.runtimes import RUNTIMES, benchmark_models, describe_cpu, summarise
 from mlla_mm.utils.command_line import user_errors
 
@@ -55,6 +56,9 @@ def parse_args(argv=None):
     parser.add_argument(
         '--plain', action='store_true', help='also time the export without the rewrite'
     )
+    parser.add_argument(
+        '--layout', choices=LAYOUTS, default=LAYOUTS[0], help='token layout of the rewrite'
+    )
     parser.add_argument('--json', help='write the times and the summary to this file')
     return parser.parse_args(argv)
 
@@ -74,7 +78,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         times = benchmark_models(
             models, shape, args.runtimes, args.work_dir or tmp, args.threads, args.repeats,
-            args.warmup, optimize=not args.no_optimize, plain=args.plain,
+            args.warmup, optimize=not args.no_optimize, plain=args.plain, layout=args.layout,
         )  # fmt: skip
     rows = []
     for name in models:

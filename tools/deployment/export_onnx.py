@@ -36,7 +36,7 @@ from mlla_mm.deploy import (
     onnx_io_dims,
     require_exporter,
 )
-from mlla_mm.deploy.export_friendly import export_friendly
+from mlla_mm.deploy.export_friendly import LAYOUTS, export_friendly
 from mlla_mm.deploy.mask_rcnn_export import (
     export_detector_onnx,
     onnx_ops,
@@ -76,6 +76,13 @@ def parse_args(argv=None):
         action='store_true',
         help='export the plain module forward instead of the graph rewritten for ONNX runtimes '
         '(mlla_mm.deploy.export_friendly; checked against the unmodified model either way)',
+    )
+    parser.add_argument(
+        '--layout',
+        choices=LAYOUTS,
+        default=LAYOUTS[0],
+        help='token layout of the rewritten MLLA stages: nchw (default, faster in onnxruntime and '
+        'OpenVINO where measured) or nhwc (2-D tokens, Gemm linears); see docs/deployment.md',
     )
     parser.add_argument('--opset', type=int, help='ONNX opset (default: the exporter default)')
     parser.add_argument(
@@ -139,9 +146,9 @@ def _main(args) -> int:
         model = build_backbone(args.arch, config, args.checkpoint)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     start = time.perf_counter()
-    exported = model if args.no_optimize else export_friendly(model)
+    exported = model if args.no_optimize else export_friendly(model, args.layout)
     export_onnx(exported, args.out, args.shape, exporter=args.exporter, opset=args.opset)
-    kind = 'plain' if args.no_optimize or exported is model else 'rewritten for ONNX runtimes'
+    kind = 'plain' if args.no_optimize or exported is model else f'rewritten, {args.layout}'
     print(f'export_onnx: wrote {args.out} ({args.exporter}, {kind}, '
           f'{time.perf_counter() - start:.1f} s)')  # fmt: skip
     for name, dims in onnx_io_dims(args.out).items():
@@ -168,7 +175,7 @@ def _export_detector(args, graph: MaskRCNNGraph, config) -> int:
         return 2
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     start = time.perf_counter()
-    exported = graph if args.no_optimize else export_friendly(graph)
+    exported = graph if args.no_optimize else export_friendly(graph, args.layout)
     export_detector_onnx(exported, args.out, args.shape, opset=args.opset or 17)
     print(f'export_onnx: wrote {args.out} (Mask R-CNN, traced at 1x3x{args.shape[0]}x'
           f'{args.shape[1]}, {time.perf_counter() - start:.1f} s)')  # fmt: skip
