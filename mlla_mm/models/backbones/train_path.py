@@ -112,17 +112,10 @@ class MlpFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
-        tokens = x.reshape(-1, x.shape[-1])
-        step = fast_path.rows_per_chunk(w1.shape[0])
-        out = tokens.new_empty(tokens.shape[0], w2.shape[0])
         pres = []
-        for start in range(0, tokens.shape[0], step):
-            pre = F.linear(tokens[start : start + step], w1, b1)
-            out[start : start + step] = F.linear(F.gelu(pre), w2, b2)
-            pres.append(pre)
-        ctx.step = step
+        out = _mlp(x, w1, b1, w2, b2, keep=pres)
         ctx.save_for_backward(x, w1, w2, *pres)
-        return out.view(*x.shape[:-1], -1)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -624,7 +617,7 @@ def _block_backward(ctx, grad):
     n = h * w
 
     def low(*ts):  # the tensors in the compute dtype (what autocast hands the linears/convs)
-        return [None if t is None else t.to(cdt) for t in ts]
+        return [_cast(t, cdt) for t in ts]
 
     def ln_backward(g, inp, mean, rstd, weight, bias):
         mask = [True, weight.requires_grad, bias.requires_grad]
@@ -744,14 +737,18 @@ def _block_backward(ctx, grad):
     return g_x, None, None, None, *grads
 
 
-def _mlp(x, w1, b1, w2, b2):
-    """``fc2(GELU(fc1(x)))`` over chunks of tokens (no 4x-wide tensor exists whole)."""
+def _mlp(x, w1, b1, w2, b2, keep: list | None = None):
+    """``fc2(GELU(fc1(x)))`` over chunks of tokens (no 4x-wide tensor exists whole); the
+    chunks' pre-activations are appended to ``keep`` if given."""
     tokens = x.reshape(-1, x.shape[-1])
     step = fast_path.rows_per_chunk(w1.shape[0])
     out = tokens.new_empty(tokens.shape[0], w2.shape[0])
     for start in range(0, tokens.shape[0], step):
         rows = slice(start, start + step)
-        hidden = F.gelu(F.linear(tokens[rows], w1, b1))
+        pre = F.linear(tokens[rows], w1, b1)
+        if keep is not None:
+            keep.append(pre)
+        hidden = F.gelu(pre)
         if b2 is None:
             torch.mm(hidden, w2.t(), out=out[rows])
         else:
