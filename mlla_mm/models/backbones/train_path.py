@@ -151,10 +151,38 @@ def _conv_backward(grad, x, weight, bias, spec: tuple, need_x: bool, need_w: boo
     need_b = need_b and bias is not None
     if not (need_x or need_w or need_b):
         return None, None, None
+    if need_x and _strided_low_precision_depthwise(grad, weight, stride, groups):
+        _, gw, gb = _conv_backward(grad, x, weight, bias, spec, False, need_w, need_b)
+        # the same sums rounded once to the gradient's dtype, as one float32 conv_transpose2d
+        out_size = [
+            n - ((m - 1) * s - 2 * p + d * (k - 1) + 1)
+            for n, m, s, p, d, k in zip(
+                x.shape[2:], grad.shape[2:], stride, padding, dilation, weight.shape[2:]
+            )
+        ]
+        f32 = torch.float32
+        gx = F.conv_transpose2d(
+            grad.to(f32), weight.to(f32), None, stride, padding, out_size, groups, dilation
+        )
+        return gx.to(grad.dtype), gw, gb
     return torch.ops.aten.convolution_backward(
         grad, x, weight, [weight.shape[0]] if need_b else None, stride, padding, dilation,
         False, [0] * len(stride), groups, [need_x, need_w, need_b],
     )  # fmt: skip
+
+
+def _strided_low_precision_depthwise(grad, weight, stride, groups: int) -> bool:
+    """Whether the input gradient of this conv is a strided depthwise one in bf16/fp16 on the
+    CPU, which oneDNN runs 15-20x slower than a float32 ``conv_transpose2d`` of the same sums
+    (PatchMerging's stride-2 conv, 2048 channels: 28 ms against 1.2 ms, rounded to bf16 the
+    same but for a rare last-bit difference of the summation order; docs/performance.md)."""
+    return (
+        grad.device.type == 'cpu'
+        and grad.dtype in (torch.bfloat16, torch.float16)
+        and groups == weight.shape[0]
+        and weight.shape[1] == 1
+        and any(s > 1 for s in stride)
+    )
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

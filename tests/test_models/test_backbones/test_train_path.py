@@ -5,6 +5,7 @@ float64, for every parameter and the input, in every backbone mode."""
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from mlla_mm import MLLA
 from mlla_mm.models.backbones import mlla as mlla_module
@@ -517,3 +518,33 @@ def test_compiled_training_step_is_one_graph_with_the_eager_gradients():
     loss(torch.compile(model, backend='aot_eager')).backward()
     for name, g in eager.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, g, msg=name)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('padding', [[1, 1], [0, 1]], ids=['padded', 'band'])
+@pytest.mark.parametrize('rows', [13, 12])
+def test_strided_depthwise_input_gradient_in_low_precision(dtype, padding, rows):
+    """The stride-2 depthwise conv's input gradient in bf16/fp16 (PatchMerging's, whole and as
+    a band without its top padding, odd and even rows) comes from one float32
+    ``conv_transpose2d``: ATen's sums rounded once to ``dtype`` (at most a last-bit difference
+    of the summation order), with ATen's weight and bias gradients."""
+    from mlla_mm.models.backbones import train_path
+
+    torch.manual_seed(0)
+    c = 8
+    x = torch.randn(2, rows, 10, c).to(dtype).permute(0, 3, 1, 2)  # channels-last, as units
+    weight, bias = torch.randn(c, 1, 3, 3).to(dtype), torch.randn(c).to(dtype)
+    spec = ([2, 2], padding, [1, 1], c)
+    out = F.conv2d(x, weight, bias, 2, padding, 1, c)
+    grad = torch.randn(out.shape).to(dtype)
+    assert train_path._strided_low_precision_depthwise(grad, weight, spec[0], c)
+    gx, gw, gb = train_path._conv_backward(grad, x, weight, bias, spec, True, True, True)
+    ref = torch.ops.aten.convolution_backward(
+        grad, x, weight, [c], [2, 2], padding, [1, 1], False, [0, 0], c, [True, True, True]
+    )
+    assert gx.shape == x.shape and gx.dtype == dtype
+    torch.testing.assert_close(gx, ref[0], rtol=2**-7, atol=1e-6)
+    assert torch.equal(gw, ref[1]) and torch.equal(gb, ref[2])
+    # float32, or a stride-1 conv: ATen's own backward
+    assert not train_path._strided_low_precision_depthwise(grad.float(), weight, [2, 2], c)
+    assert not train_path._strided_low_precision_depthwise(grad, weight, [1, 1], c)
