@@ -8,6 +8,13 @@ them alike; :func:`summarise` gives the median and range per runner.
 Threads: ``threads`` is PyTorch's ``set_num_threads``, onnxruntime's ``intra_op_num_threads``
 (with spinning off, so that its idle threads do not take the CPU from the next runner) and
 OpenVINO's ``INFERENCE_NUM_THREADS``.
+
+Shapes: the MLLA ONNX files have dynamic sizes. OpenVINO can compile such a graph for one input
+shape (``input_shape=``, ``Model.reshape``; the file stays dynamic): it then folds the shape
+arithmetic and the RoPE tables into constants and fuses the chains of elementwise nodes (the
+LayerNorms over the channel axis, the RoPE multiplies) into its "Snippets" subgraphs, which it
+does not do for dynamic shapes. :func:`benchmark_models` compiles OpenVINO for the timed shape
+unless told otherwise (peers exported at that shape are static already).
 """
 
 from __future__ import annotations
@@ -62,18 +69,32 @@ def onnxruntime_session(onnx_file: str | os.PathLike, threads: int = 0, profile:
 
 
 def openvino_model(
-    onnx_file: str | os.PathLike, threads: int = 0, precision: str = 'fp32', profile: bool = False
+    onnx_file: str | os.PathLike,
+    threads: int = 0,
+    precision: str = 'fp32',
+    profile: bool = False,
+    input_shape: Sequence[int] | None = None,
 ):
-    """An OpenVINO CPU compiled model of an ONNX file (``precision``: ``fp32`` or ``bf16``, the
-    inference precision; an int8 file runs its quantised operators in either)."""
+    """An OpenVINO CPU compiled model of an ONNX file (``precision``: ``fp32`` (or ``f32``) or
+    ``bf16``, the inference precision; an int8 file runs its quantised operators in either).
+
+    Args:
+        input_shape: Compile for this shape of the (single) input, e.g. ``(1, 3, 800, 1280)``;
+            the compiled model then accepts only that shape. ``None``: the file's own shapes
+            (dynamic sizes stay dynamic).
+    """
     ov = require('openvino', 'OpenVINO inference')
-    config = {'PERFORMANCE_HINT': 'LATENCY', 'INFERENCE_PRECISION_HINT': precision}
+    hint = {'fp32': 'f32'}.get(precision, precision)  # OpenVINO's own name is f32
+    config = {'PERFORMANCE_HINT': 'LATENCY', 'INFERENCE_PRECISION_HINT': hint}
     if threads:
         config['INFERENCE_NUM_THREADS'] = threads
     if profile:
         config['PERF_COUNT'] = True
     core = ov.Core()
-    return core.compile_model(core.read_model(str(onnx_file)), 'CPU', config)
+    model = core.read_model(str(onnx_file))
+    if input_shape is not None:
+        model.reshape(list(input_shape))
+    return core.compile_model(model, 'CPU', config)
 
 
 def make_runner(
@@ -81,9 +102,12 @@ def make_runner(
     model: nn.Module | None = None,
     onnx_file: str | os.PathLike | None = None,
     threads: int = 0,
+    input_shape: Sequence[int] | None = None,
 ) -> Callable[[np.ndarray], object]:
     """A callable ``run(x)`` (x: the input as a float32 numpy array) for one entry of
-    :data:`RUNTIMES`: ``model`` for the eager ones, ``onnx_file`` (one input) for the others."""
+    :data:`RUNTIMES`: ``model`` for the eager ones, ``onnx_file`` (one input) for the others.
+    ``input_shape``: OpenVINO runners are compiled for that input shape only
+    (:func:`openvino_model`); ignored by the other runtimes."""
     if runtime not in RUNTIMES:
         raise ValueError(f'runtime must be one of {sorted(RUNTIMES)}, got {runtime!r}')
     library, precision = RUNTIMES[runtime]
@@ -106,7 +130,8 @@ def make_runner(
         session = onnxruntime_session(onnx_file, threads)
         name = session.get_inputs()[0].name
         return lambda x: session.run(None, {name: x})
-    compiled = openvino_model(onnx_file, threads, 'bf16' if precision == 'bf16' else 'f32')
+    ov_precision = 'bf16' if precision == 'bf16' else 'f32'
+    compiled = openvino_model(onnx_file, threads, ov_precision, input_shape=input_shape)
     request = compiled.create_infer_request()
     return lambda x: request.infer({0: x})
 
@@ -197,6 +222,7 @@ def benchmark_models(
     optimize: bool = True,
     plain: bool = False,
     layout: str = 'nchw',
+    static_openvino: bool = True,
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> dict[str, list[float]]:
@@ -215,6 +241,8 @@ def benchmark_models(
         optimize: Export MLLA models through :func:`.export_friendly.export_friendly`.
         plain: Also time onnxruntime on the export without the rewrite (``<name>_plain.onnx``).
         layout: Token layout of the rewrite (:data:`.export_friendly.LAYOUTS`).
+        static_openvino: Compile the OpenVINO runners for the timed input shape (see the module
+            docstring); ``False``: for the files' own (dynamic) shapes.
 
     Returns:
         dict: ``'<model> <runtime>'`` -> seconds of each repeat.
@@ -223,6 +251,7 @@ def benchmark_models(
     from mlla_mm.deploy.onnx_export import export_onnx
 
     os.makedirs(work_dir, exist_ok=True)
+    input_shape = (1, 3, *shape) if static_openvino else None
     runners = {}
     for name, model in models.items():
         model.eval()
@@ -248,7 +277,9 @@ def benchmark_models(
                 if not os.path.exists(onnx_file):
                     log(f'{name} {runtime}: no {onnx_file} (tools/deployment/quantize_int8.py)')
                     continue
-            runners[f'{name} {runtime}'] = make_runner(runtime, model, onnx_file, threads)
+            runners[f'{name} {runtime}'] = make_runner(
+                runtime, model, onnx_file, threads, input_shape
+            )
         if plain:
             runners[f'{name} onnxruntime (plain export)'] = make_runner(
                 'onnxruntime', None, files['_plain'], threads

@@ -107,14 +107,20 @@ def test_export_has_none_of_the_slow_operators(mini_onnx):
     assert ops['Transpose'] <= 3 * blocks + 6 * stages
 
 
+@pytest.mark.parametrize('static', [False, True], ids=['dynamic', 'static'])
 @pytest.mark.parametrize('shape', [(2, 3, 96, 160), (1, 3, 77, 130)])
-def test_openvino_runs_the_export_exactly(mini, mini_onnx, shape):
+def test_openvino_runs_the_export_exactly(mini, mini_onnx, shape, static):
+    """The dynamic file in OpenVINO, compiled for its dynamic sizes or for the input's shape
+    (``input_shape``: then the compiled model's input is that static shape)."""
     pytest.importorskip('openvino')
-    from mlla_mm.deploy.runtimes import make_runner
+    from mlla_mm.deploy.runtimes import make_runner, openvino_model
 
     x = torch.randn(*shape)
-    run = make_runner('openvino', onnx_file=mini_onnx, threads=1)
+    input_shape = shape if static else None
+    run = make_runner('openvino', onnx_file=mini_onnx, threads=1, input_shape=input_shape)
     got = run(x.numpy())
+    compiled_input = openvino_model(mini_onnx, 1, input_shape=input_shape).input(0)
+    assert compiled_input.get_partial_shape().is_static == static
     with torch.no_grad():
         expected = mini(x)
     for i, e in enumerate(expected):

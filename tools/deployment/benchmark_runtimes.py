@@ -3,7 +3,8 @@ OpenVINO (fp32, bf16), same input, same threads, all runners interleaved.
 
 MLLA is exported through the deploy-time rewrite (mlla_mm.deploy.export_friendly) unless
 --no-optimize; --plain also times onnxruntime on the export without it. Peers (e.g. swin_t) are
-exported with torch.onnx.export as they are.
+exported with torch.onnx.export as they are, at the timed size. OpenVINO compiles every file
+for the timed input shape (--dynamic-openvino: for the files' own shapes).
 
 Examples:
     python tools/deployment/benchmark_runtimes.py --models mlla_t swin_t --size 1280x800 \\
@@ -59,6 +60,11 @@ def parse_args(argv=None):
     parser.add_argument(
         '--layout', choices=LAYOUTS, default=LAYOUTS[0], help='token layout of the rewrite'
     )
+    parser.add_argument(
+        '--dynamic-openvino',
+        action='store_true',
+        help="compile OpenVINO for the files' dynamic shapes, not for the timed input shape",
+    )
     parser.add_argument('--json', help='write the times and the summary to this file')
     return parser.parse_args(argv)
 
@@ -79,6 +85,7 @@ def main(argv=None):
         times = benchmark_models(
             models, shape, args.runtimes, args.work_dir or tmp, args.threads, args.repeats,
             args.warmup, optimize=not args.no_optimize, plain=args.plain, layout=args.layout,
+            static_openvino=not args.dynamic_openvino,
         )  # fmt: skip
     rows = []
     for name in models:
