@@ -568,6 +568,7 @@ def attention_core_(
     heads: int,
     rope_tables,
     reference,
+    features: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`~mlla_mm.models.backbones.mlla.linear_attention` of ``ELU(qk) + 1`` in place,
     accumulated into ``lepe``.
@@ -579,6 +580,8 @@ def attention_core_(
         h, w: The token grid; heads: number of heads.
         rope_tables, reference: The model's :func:`~.mlla.rope_tables` and
             :func:`~.mlla.linear_attention` (``LinearAttention.rope_tables``/``.core``).
+        features: (B, N, 2, C) float32 buffer for q's and k's features (then ``qk`` is left
+            as it is); by default ``qk`` itself if float32, else a :func:`workspace`.
 
     Returns:
         Tensor: ``lepe``, now LePE(v) plus the attention output.
@@ -589,12 +592,16 @@ def attention_core_(
     def split(t):  # (N, C) -> (heads, N, d), a view
         return t.view(n, heads, d).transpose(0, 1)
 
+    out = features
     if not _c_kernels(qk, v, lepe):  # no C compiler: ELU + 1 here, the reference core
-        out = qk if qk.dtype == torch.float32 else workspace('elu_plus_one', qk, torch.float32)
+        if out is None:
+            f32 = torch.float32
+            out = qk if qk.dtype == f32 else workspace('elu_plus_one', qk, f32)
         q, k = elu_plus_one_(qk, out).unbind(2)
         return lepe.add_(reference(q, k, v, h, w, heads))
     # rotated q / normaliser and rotated k, fused; then the two products on per-head views
-    out = qk if qk.dtype == torch.float32 else workspace('qk_features', qk, torch.float32)
+    if out is None:
+        out = qk if qk.dtype == torch.float32 else workspace('qk_features', qk, torch.float32)
     table = _rope_table(rope_tables, h, w, c, qk.device)
     rot = cpu_kernels.attention_features(qk, out, table, heads)
     for i in range(b):

@@ -542,8 +542,9 @@ class _Spec(NamedTuple):
     eps2: float
     heads: int
     compute: torch.dtype  # of the linears and convs (autocast's dtype, else the input's)
-    attend: object  # LinearAttention.attend and .attend_backward
+    attend: object  # LinearAttention.attend, .attend_backward and .rope_tables
     attend_backward: object
+    rope_tables: object
 
 
 def _conv_tokens(x: torch.Tensor, weight, bias, spec: tuple) -> torch.Tensor:
@@ -570,6 +571,25 @@ def _linear_grads(grad2d, x2d, weight, bias):
 
 def _cast(t, dtype):
     return None if t is None else t.to(dtype)
+
+
+def _attention(qk, s, lepe, spec: _Spec, dtype: torch.dtype) -> torch.Tensor:
+    """The block's attention plus its LePE, ``attend(qk, s) + lepe`` (B, H, W, C) in ``dtype``;
+    as the inference fast path's fused core (:func:`.fast_path.attention_core_`, one C kernel
+    for the features, rotations and normaliser, the products accumulating into the LePE)
+    where its C kernels run on these float32 tensors, leaving ``qk`` as it is."""
+    b, h, w, c = s.shape
+    n = h * w
+    if dtype == torch.float32 and fast_path.CAPS.cpu_kernels:
+        v, out = s.reshape(b, n, c).to(dtype), lepe.to(dtype).reshape(b, n, c)
+        if fast_path._c_kernels(qk, v, out):
+            features = torch.empty(b, n, 2, c, dtype=dtype, device=qk.device)
+            core = fast_path.attention_core_(
+                qk.view(b, n, 2, c), v, out, h, w, spec.heads, spec.rope_tables, None, features
+            )
+            return core.view(b, h, w, c)
+    y = spec.attend(qk.view(b, n, 2 * c), s.reshape(b, n, c), h, w, spec.heads, dtype)
+    return y.view(b, h, w, c).add_(lepe)
 
 
 class BlockFunction(torch.autograd.Function):
@@ -605,8 +625,7 @@ class BlockFunction(torch.autograd.Function):
             del xn
             s = F.silu(conv(p, w_d, b_d, spec.dwc), inplace=True)
             qk = linear(s, w_qk, b_qk)
-            y = spec.attend(qk.view(b, h * w, 2 * c), s.reshape(b, h * w, c), h, w, spec.heads, adt)
-            y = y.view(b, h, w, c).add_(conv(s, w_l, b_l, spec.lepe)).to(cdt)
+            y = _attention(qk, s, conv(s, w_l, b_l, spec.lepe), spec, adt).to(cdt)
             y *= F.silu(a)
             del s
             r = linear(y, w_o, b_o)
@@ -832,6 +851,7 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         compute,
         attn.attend,
         attn.attend_backward,
+        attn.rope_tables,
     )
     masks = []
     for _ in range(2):  # the draws of the module forward's two drop paths, in their order
