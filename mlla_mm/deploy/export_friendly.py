@@ -30,7 +30,9 @@ equivalent built from the same parameters. Common to both layouts (``layout=``):
 ``layout='nchw'`` (the default, :class:`ExportStageNCHW`): tokens stay ``(B, C, H, W)`` through a
 stage, so the depthwise convolutions (CPE, DWC, LePE) need no transposes, the linears are 1x1
 convolutions (both runtimes keep them in their blocked or channels-last layouts, fused with bias,
-residual add and activation where they can), LayerNorm is a reduction over the channel axis, and
+residual add and activation where they can), LayerNorm is a reduction over the channel axis
+(:func:`_normalise_channels`), the patch mergings and output norms work on the NCHW views, so that
+the transposes between stages cancel in both runtimes (:class:`ExportPatchMerging`), and
 the per-head layout ``(B, heads, d, H * W)`` of the attention products is a reshape. The products
 are taken transposed (``kv^T = v @ k_rope^T``, ``out = kv^T @ q_rope``), the cosine and sine
 products of q (and of k) stacked into one ``(B, heads, 2d, N)`` tensor so that each product is one
@@ -57,13 +59,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from mlla_mm.models.backbones.mlla import MLLA, ConvLayer, MLLABlock, MLLAStage
+from mlla_mm.models.backbones.mlla import MLLA, ConvLayer, MLLABlock, MLLAStage, PatchMerging
 
 __all__ = [
     'FULL_WIDTH_HEADS',
     'LAYOUTS',
     'ExportBlock',
     'ExportBlockNCHW',
+    'ExportPatchMerging',
     'ExportStage',
     'ExportStageNCHW',
     'OutputNorm',
@@ -147,22 +150,27 @@ def _conv_nhwc(conv: nn.Module, x: torch.Tensor, b, h, w) -> torch.Tensor:
     return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
 
 
-class ExportBlock(nn.Module):
-    """:class:`~mlla_mm.models.backbones.mlla.MLLABlock`, rewritten for ONNX runtimes (see the
-    module docstring); shares ``block``'s modules, except ``qk``, split into ``q`` and ``k``."""
+class _BlockModules(nn.Module):
+    """What both rewrites of :class:`~mlla_mm.models.backbones.mlla.MLLABlock` take over from
+    ``block`` as they are: the depthwise convolutions (CPE, DWC, LePE), the norms and SiLU."""
 
     def __init__(self, block: MLLABlock) -> None:
         super().__init__()
         attn = block.attn
         self.dim, self.heads = attn.dim, attn.num_heads
-        self.cpe1, self.norm1, self.cpe2, self.norm2 = (
-            block.cpe1,
-            block.norm1,
-            block.cpe2,
-            block.norm2,
-        )
+        self.cpe1, self.cpe2, self.dwc, self.lepe = block.cpe1, block.cpe2, block.dwc, attn.lepe
+        self.norm1, self.norm2, self.act = block.norm1, block.norm2, block.act
+
+
+class ExportBlock(_BlockModules):
+    """:class:`~mlla_mm.models.backbones.mlla.MLLABlock`, rewritten for ONNX runtimes (see the
+    module docstring); shares ``block``'s modules, except ``qk``, split into ``q`` and ``k``."""
+
+    def __init__(self, block: MLLABlock) -> None:
+        super().__init__(block)
+        attn = block.attn
         self.in_proj, self.act_proj, self.out_proj = block.in_proj, block.act_proj, block.out_proj
-        self.dwc, self.act, self.mlp, self.lepe = block.dwc, block.act, block.mlp, attn.lepe
+        self.mlp = block.mlp
         self.q = _linear(attn.qk, slice(0, self.dim))
         self.k = _linear(attn.qk, slice(self.dim, 2 * self.dim))
         d = self.dim // self.heads
@@ -257,31 +265,33 @@ def _conv1x1(linear: nn.Linear, rows: slice | None = None) -> nn.Conv2d:
     return out
 
 
-def _layer_norm_nchw(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """``norm`` over the channels of NCHW tokens (``ReduceMean`` over axis 1; a transpose to
-    ``LayerNormalization`` and back measured slower in both runtimes)."""
+def _normalise_channels(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without its affine part over the channels of NCHW tokens: ``ReduceMean`` over
+    axis 1, as ``(x - mean) / sqrt(mean((x - mean)^2) + eps)``, the form of OpenVINO's
+    ``MVNFusion``. OpenVINO's CPU plugin runs ``MVN`` over trailing axes only (of a 4-D tensor:
+    ``[1, 2, 3]`` or ``[2, 3]``), so it decomposes this one again; compiled for a static shape it
+    fuses the elementwise part into one subgraph. A transpose to ``(B, H * W, C)`` for an
+    ``MVN`` over the last axis and back measured slower (OpenVINO with dynamic sizes, and
+    onnxruntime), and no faster with static ones."""
     xc = x - x.mean(1, keepdim=True)
-    var = xc.pow(2).mean(1, keepdim=True)
-    y = xc / torch.sqrt(var + norm.eps)
+    return xc / torch.sqrt(xc.pow(2).mean(1, keepdim=True) + eps)
+
+
+def _layer_norm_nchw(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm`` over the channels of NCHW tokens (:func:`_normalise_channels`, then the
+    affine part)."""
+    y = _normalise_channels(x, norm.eps)
     return y * norm.weight[:, None, None] + norm.bias[:, None, None]
 
 
-class ExportBlockNCHW(nn.Module):
+class ExportBlockNCHW(_BlockModules):
     """:class:`~mlla_mm.models.backbones.mlla.MLLABlock` on NCHW tokens ``(B, C, H, W)``: the
     depthwise convolutions need no transposes, the linears are 1x1 convolutions, LayerNorm is a
     reduction over the channel axis, and the per-head layout ``(B, heads, d, N)`` is a reshape."""
 
     def __init__(self, block: MLLABlock) -> None:
-        super().__init__()
+        super().__init__(block)
         attn = block.attn
-        self.dim, self.heads = attn.dim, attn.num_heads
-        self.cpe1, self.norm1, self.cpe2, self.norm2 = (
-            block.cpe1,
-            block.norm1,
-            block.cpe2,
-            block.norm2,
-        )
-        self.dwc, self.act, self.lepe = block.dwc, block.act, attn.lepe
         self.in_proj, self.act_proj = _conv1x1(block.in_proj), _conv1x1(block.act_proj)
         self.out_proj = _conv1x1(block.out_proj)
         self.q = _conv1x1(attn.qk, slice(0, self.dim))
@@ -294,7 +304,7 @@ class ExportBlockNCHW(nn.Module):
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
         """Tokens ``(B, C, H, W)`` -> the same; ``cos_sin``: the tables of
-        :func:`rope_channel_tables` stacked as ``(heads, 2, d, H * W)``."""
+        :func:`rope_channel_tables` stacked as ``(1, heads, 2, d, H * W)``."""
         x = x + self.cpe1(x)
         xn = _layer_norm_nchw(self.norm1, x)
         gate = self.act(self.act_proj(xn))
@@ -314,32 +324,52 @@ class ExportBlockNCHW(nn.Module):
         k = F.elu(self.k(a)) + 1.0
         lepe = self.lepe(a)
 
-        def split(t):  # (B, C, H, W) -> (B, heads, d, N), a reshape
-            return t.reshape(b, heads, c // heads, n)
-
-        q, k, v = split(q), split(k), split(a)
-        k_mean = k.mean(-1, keepdim=True)  # (B, heads, d, 1): over the contiguous token axis
-        z = 1.0 / (k_mean.transpose(-2, -1) @ q + 1e-6)  # (B, heads, 1, N), un-rotated q, k
+        # per-head layout, a reshape: (B, heads, 1, d, N) for q and k, one tensor each for both
+        # of their uses below (OpenVINO reorders its channels-last q, k to the planar layout of
+        # MatMul once per distinct consumer shape: two reshapes, two copies)
+        q, k = q.reshape(b, heads, 1, d, n), k.reshape(b, heads, 1, d, n)
+        v = a.reshape(b, heads, d, n)
+        k_mean = k.mean(-1, keepdim=True)  # (B, heads, 1, d, 1): over the contiguous token axis
+        z = 1.0 / (k_mean.transpose(-2, -1) @ q + 1e-6)  # (B, heads, 1, 1, N), un-rotated q, k
         # RoPE'd q and k: both table products in one (B, heads, 2d, N) tensor, so that each
         # product with kv^T is one MatMul over 2d rows; [I; P] and [I, P] apply the pair swap
-        k_cs = (k.unsqueeze(2) * cos_sin).reshape(b, heads, 2 * d, n)
+        k_cs = (k * cos_sin).reshape(b, heads, 2 * d, n)
         # the normaliser z scales the columns (tokens) of the output: applied to q_rope instead,
         # in the same pass as the tables
-        q_cs = (q.unsqueeze(2) * cos_sin * z.unsqueeze(2)).reshape(b, heads, 2 * d, n)
+        q_cs = (q * cos_sin * z).reshape(b, heads, 2 * d, n)
         kv_t = (v @ k_cs.transpose(-2, -1)) @ self.eye_swap * (1.0 / n)  # (B, heads, d, d)
         out = (kv_t @ self.eye_swap.transpose(0, 1)) @ q_cs
         return out.reshape(b, c, h, w) + lepe
 
 
+class ExportPatchMerging(nn.Module):
+    """:class:`~mlla_mm.models.backbones.mlla.PatchMerging` (same call: ``(B, H, W, C)`` ->
+    ``(B, ceil(H / 2), ceil(W / 2), 2C)``) that pads and convolves the NCHW view: the transposes
+    on either side then meet the stages' inverse ones and cancel in the exported graph (the
+    original pads the channels-last tensor, between them)."""
+
+    def __init__(self, merging: PatchMerging) -> None:
+        super().__init__()
+        self.conv = merging.conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2)
+        h, w = x.shape[2:]
+        x = F.pad(x, (0, w - w // 2 * 2, 0, h - h // 2 * 2))  # odd sizes: as PatchMerging
+        return self.conv(x).permute(0, 2, 3, 1)
+
+
 class ExportStageNCHW(nn.Module):
     """:class:`~mlla_mm.models.backbones.mlla.MLLAStage` of :class:`ExportBlockNCHW` s: same call
-    (``(B, H, W, C)`` tokens in and out, one transpose each way; ``downsample`` kept for the
-    backbone to call), NCHW tokens inside, RoPE tables computed once for all blocks."""
+    (``(B, H, W, C)`` tokens in and out, one transpose each way, which cancel with those of
+    :class:`ExportPatchMerging` and :class:`OutputNorm`; ``downsample`` kept for the backbone to
+    call), NCHW tokens inside, RoPE tables computed once for all blocks."""
 
     def __init__(self, stage: MLLAStage) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(ExportBlockNCHW(block) for block in stage.blocks)
-        self.downsample = stage.downsample
+        merging = stage.downsample
+        self.downsample = ExportPatchMerging(merging) if merging is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.blocks:
@@ -347,7 +377,7 @@ class ExportStageNCHW(nn.Module):
         b, h, w, c = x.shape
         heads = self.blocks[0].heads
         cos_sin = torch.stack(rope_channel_tables(h, w, c, x)).reshape(2, heads, c // heads, h * w)
-        cos_sin = cos_sin.transpose(0, 1)  # (heads, 2, d, N)
+        cos_sin = cos_sin.transpose(0, 1).unsqueeze(0)  # (1, heads, 2, d, N)
         t = x.permute(0, 3, 1, 2)
         for block in self.blocks:
             t = block(t, cos_sin)
@@ -359,19 +389,23 @@ class OutputNorm(nn.Module):
     depthwise convolution: OpenVINO keeps the graph's tail (every node between an output and
     the last convolution or matrix product before it) in float32 under a bf16 precision hint;
     ending in a LayerNorm, that tail reached back through the whole chain of residual additions
-    (measured: the residual adds in float32, with bf16 <-> f32 reorders around each)."""
+    (measured: the residual adds in float32, with bf16 <-> f32 reorders around each).
+
+    The norm runs on the NCHW view (:func:`_normalise_channels`): after an
+    :class:`ExportStageNCHW` the transposes on either side cancel with the stage's and the
+    backbone's."""
 
     def __init__(self, norm: nn.LayerNorm) -> None:
         super().__init__()
         c = norm.normalized_shape[0]
-        self.shape, self.eps = (c,), norm.eps
+        self.eps = norm.eps
         self.affine = nn.Conv2d(c, c, 1, groups=c)
         self.affine.weight = nn.Parameter(norm.weight.detach().reshape(c, 1, 1, 1).clone(), False)
         self.affine.bias = nn.Parameter(norm.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x, self.shape, eps=self.eps)
-        return self.affine(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = _normalise_channels(x.permute(0, 3, 1, 2), self.eps)
+        return self.affine(x).permute(0, 2, 3, 1)
 
 
 def _fold_batch_norms(module: nn.Module) -> None:
