@@ -279,9 +279,10 @@ def feature_attention_backward(
     for i in range(b):  # per image: the per-head views fold without a copy, and the
         # full-precision temporaries below exist for one image at a time
         qk, v, gi = qk_in[i].to(dtype), v_in[i].to(dtype), grad[i].to(dtype)
-        features = _positive_features(qk[None])[0]  # (N, 2, C): q and k
+        # ELU + 1 as exp(min(x, 0)) + max(x, 0): ATen's ELU takes expm1 element by element
+        features = torch.exp(qk.clamp_max(0.0)).add_(qk.clamp_min(0.0)).view(n, 2, c)
         rotated = apply_rope(features, cos, sin)  # q and k rotated at once
-        grad_rotated, grad_features = torch.empty_like(rotated), torch.empty_like(features)
+        grad_rotated = torch.empty_like(rotated)
         qh, kh = (split(t) for t in features.unbind(1))
         q_rope, k_rope = (split(t) for t in rotated.unbind(1))
         vh, gh = split(v), split(gi)
@@ -299,13 +300,16 @@ def feature_attention_backward(
         torch.matmul(g, kv.transpose(-2, -1), out=grad_q_rope)
         torch.matmul(vh, grad_kv.transpose(-2, -1), out=grad_k_rope)
         grad_v[i] = (k_rope @ grad_kv).transpose(0, 1).flatten(1)
-        # token-major views (N, heads, d), written in memory order
+        # RoPE is a rotation: its transpose rotates back (apply_rope with -sin); then the
+        # normaliser's terms, on token-major views (N, heads, d): q's from s = q . k_mean,
+        # k's from mean(k) (the same for every token)
+        grad_features = apply_rope(grad_rotated, cos, -sin)
         grad_q, grad_k = (t.unflatten(-1, (heads, -1)) for t in grad_features.unbind(1))
-        torch.mul(grad_s.transpose(0, 1), k_mean.transpose(0, 1), out=grad_q)  # the normaliser
-        grad_k.copy_(((grad_s.transpose(-2, -1) @ qh) * (1.0 / n)).transpose(0, 1))  # mean(k)
-        # RoPE is a rotation: its transpose rotates back (apply_rope with -sin)
-        grad_features += apply_rope(grad_rotated, cos, -sin)
-        grad_qk[i] = torch.ops.aten.elu_backward(grad_features.flatten(1), 1.0, 1, 1, False, qk)
+        grad_q.addcmul_(grad_s.transpose(0, 1).contiguous(), k_mean.transpose(0, 1))
+        grad_k += ((grad_s.transpose(-2, -1) @ qh) * (1.0 / n)).transpose(0, 1)
+        # ELU's derivative: 1 above 0, else exp(x), which is the feature there: min(feature, 1)
+        torch.mul(grad_features.view(n, 2 * c), features.view(n, 2 * c).clamp_max_(1.0),
+                  out=grad_qk[i])  # fmt: skip
     return grad_qk, grad_v
 
 

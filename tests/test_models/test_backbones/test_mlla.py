@@ -184,12 +184,15 @@ def test_with_cp_same_output_gradients_and_batchnorm_statistics():
     sum(o.square().mean() for o in outs).backward()
     sum(o.square().mean() for o in outs_cp).backward()
     assert set(calls.values()) == {2}, calls
+    # the hooked block takes the module forward (the reference attention ops), the others the
+    # training unit (the fused C core where built): the same sums, rounded in another order
     for o, o_cp in zip(outs, outs_cp):
-        assert torch.allclose(o, o_cp, atol=1e-6)
+        assert (o - o_cp).abs().max() <= 1e-5 * o.abs().max()
     for (name, p), p_cp in zip(model.named_parameters(), model_cp.parameters()):
         assert torch.allclose(p.grad, p_cp.grad, rtol=1e-4, atol=1e-7), name
     for (name, b), b_cp in zip(model.named_buffers(), model_cp.buffers()):
-        assert torch.equal(b, b_cp), name
+        # counters exactly; statistics to rounding (a second update would move them ~10 %)
+        torch.testing.assert_close(b, b_cp, rtol=1e-4, atol=1e-7, msg=name)
     assert model_cp.patch_embed.conv1.norm.num_batches_tracked.item() == 1
 
 
