@@ -204,3 +204,66 @@ void mlla_layer_norm(const void *x, int x_bf16, const float *weight, const float
     }
   }
 }
+
+/* Training (the backward of a block's attention, see train_path.py) --------------------------
+ * Features: feat[t, j] = ELU(qk[t, j]) + 1 and rot[t, j] = RoPE(feat[t, j]) for q (j = 0) and
+ * k (j = 1); ksum += k (double, one row of C per thread, summed by the caller). qk is (N, 2, C)
+ * float32 or bf16, feat and rot (N, 2, C) float32, table (N, C / 2, 2). */
+void mlla_features(const void *qk, int bf16, float *feat, float *rot, const float *table,
+                   double *ksum, long n, long c, int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    double *sum = ksum + c * omp_thread();
+#pragma omp for schedule(static)
+    for (long t = 0; t < n; t++) {
+      for (long j = 0; j < 2; j++) {
+        float *e = feat + (2 * t + j) * c;
+        load_features(qk, bf16, (2 * t + j) * c, c, e);
+        rotate(e, table + t * c, 0, c, rot + (2 * t + j) * c);
+      }
+      const float *k = feat + (2 * t + 1) * c;
+#pragma omp simd
+      for (long i = 0; i < c; i++) sum[i] += k[i];
+    }
+  }
+}
+
+/* The gradient of qk from those of the rotated features grad_rot (N, 2, C) float32: RoPE's
+ * transpose (the rotation by -angle), plus the normaliser's terms (q: gs[t, head] * kmean; k:
+ * kconst, the same for every token), times ELU's derivative, which is min(feature, 1) (1 above
+ * 0, else exp(x), the feature there); out (N, 2, C) float32 or bf16 (rounded once). */
+void mlla_features_grad(const float *grad_rot, const float *feat, const float *table,
+                        const float *gs, const float *kmean, const float *kconst, void *out,
+                        int out_bf16, long n, long c, long heads, int threads) {
+  long d = c / heads;
+#pragma omp parallel num_threads(threads)
+  {
+    float g[c];
+#pragma omp for schedule(static)
+    for (long t = 0; t < n; t++) {
+      for (long j = 0; j < 2; j++) {
+        const float *gr = grad_rot + (2 * t + j) * c, *tab = table + t * c;
+        const float *e = feat + (2 * t + j) * c;
+#pragma omp simd
+        for (long i = 0; i < c; i += 2) {
+          float a = gr[i], b = gr[i + 1], cs = tab[i], sn = tab[i + 1];
+          g[i] = a * cs + b * sn;
+          g[i + 1] = b * cs - a * sn;
+        }
+        if (j == 0) {
+          for (long h = 0; h < heads; h++) {
+            float s = gs[t * heads + h];
+#pragma omp simd
+            for (long i = h * d; i < (h + 1) * d; i++) g[i] += s * kmean[i];
+          }
+        } else {
+#pragma omp simd
+          for (long i = 0; i < c; i++) g[i] += kconst[i];
+        }
+#pragma omp simd
+        for (long i = 0; i < c; i++) g[i] *= e[i] > 1.0f ? 1.0f : e[i]; /* NaN stays */
+        store_row(out, out_bf16, (2 * t + j) * c, c, g);
+      }
+    }
+  }
+}

@@ -1,4 +1,4 @@
-"""Fused CPU kernels for inference, compiled on first use.
+"""Fused CPU kernels for inference and the attention's backward, compiled on first use.
 
 ATen runs the attention core's element-wise steps (``ELU + 1`` of q and k, the bf16 -> float32
 conversion, RoPE, the normaliser, the gate product) as separate passes over memory; on the
@@ -11,7 +11,10 @@ epilogue in place (:func:`bias_act_`) and a LayerNorm into a given tensor (:func
 Each kernel is a torch custom operator (``torch.ops.mlla.attention_features``, ``gate_``,
 ``bias_act_``, ``layer_norm``, made with ``torch.library.custom_op``) with a fake
 implementation, so the dispatcher, the profiler, FakeTensor and FLOP counters see it. Only the
-fused inference path (:mod:`.fast_path`) calls them.
+fused inference path (:mod:`.fast_path`) and the training units (:mod:`.train_path`) call them;
+the units' attention backward uses ``features`` and ``features_grad`` (the features and their
+rotations in one pass, and RoPE's transpose, the normaliser's terms and ELU's derivative in
+another).
 
 The C file has no Python or torch headers: on first use it is compiled with the system C
 compiler (``$CC``, else ``cc``; about a second) for this machine's CPU (``-march=native``) into
@@ -48,6 +51,8 @@ __all__ = [
     'build',
     'cpu_flags',
     'enabled',
+    'features',
+    'features_grad',
     'gate_',
     'layer_norm',
     'library',
@@ -205,12 +210,16 @@ def load(path: str | Path) -> ctypes.CDLL:
     lib.mlla_gate.argtypes = [p, p, i, n, i]
     lib.mlla_bias_act.argtypes = [p, i, p, n, n, i, i]
     lib.mlla_layer_norm.argtypes = [p, i, p, p, ctypes.c_float, p, i, n, n, i]
+    lib.mlla_features.argtypes = [p, i, p, p, p, p, n, n, i]
+    lib.mlla_features_grad.argtypes = [p, p, p, p, p, p, p, i, n, n, n, i]
     kernels = (
         lib.mlla_keys,
         lib.mlla_queries,
         lib.mlla_gate,
         lib.mlla_bias_act,
         lib.mlla_layer_norm,
+        lib.mlla_features,
+        lib.mlla_features_grad,
     )
     for f in kernels:
         f.restype = None
@@ -303,6 +312,96 @@ def _layer_norm_op(
 @_layer_norm_op.register_fake
 def _(x, weight, bias, eps, out) -> None:
     return None
+
+
+@torch.library.custom_op('mlla::features', mutates_args=('feat', 'rot'), device_types='cpu')
+def _features_op(
+    qk: torch.Tensor, feat: torch.Tensor, rot: torch.Tensor, table: torch.Tensor
+) -> torch.Tensor:
+    n, _, c = qk.shape
+    threads = _threads(n * 2 * c)
+    ksum = torch.zeros(threads, c, dtype=torch.float64)
+    library().mlla_features(
+        qk.data_ptr(), int(qk.dtype == torch.bfloat16), feat.data_ptr(), rot.data_ptr(),
+        table.data_ptr(), ksum.data_ptr(), n, c, threads,
+    )  # fmt: skip
+    return (ksum.sum(0) / n).float()
+
+
+@_features_op.register_fake
+def _(qk, feat, rot, table) -> torch.Tensor:
+    return qk.new_empty(qk.shape[-1], dtype=torch.float32)
+
+
+@torch.library.custom_op('mlla::features_grad', mutates_args=('out',), device_types='cpu')
+def _features_grad_op(
+    grad_rot: torch.Tensor,
+    feat: torch.Tensor,
+    table: torch.Tensor,
+    gs: torch.Tensor,
+    kmean: torch.Tensor,
+    kconst: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    n, _, c = feat.shape
+    library().mlla_features_grad(
+        grad_rot.data_ptr(), feat.data_ptr(), table.data_ptr(), gs.data_ptr(), kmean.data_ptr(),
+        kconst.data_ptr(), out.data_ptr(), int(out.dtype == torch.bfloat16), n, c, gs.shape[1],
+        _threads(n * 2 * c),
+    )  # fmt: skip
+
+
+@_features_grad_op.register_fake
+def _(grad_rot, feat, table, gs, kmean, kconst, out) -> None:
+    return None
+
+
+def features(
+    qk: torch.Tensor, feat: torch.Tensor, rot: torch.Tensor, table: torch.Tensor
+) -> torch.Tensor:
+    """One image's positive features and their rotations, in one pass (training; the backward
+    of a block's attention, ``torch.ops.mlla.features``).
+
+    ``feat = ELU(qk) + 1`` and ``rot = RoPE(feat)`` for q and k.
+
+    Args:
+        qk: (N, 2, C) q and k before the feature map, float32 or bfloat16, contiguous.
+        feat, rot: (N, 2, C) float32 outputs.
+        table: (N, C / 2, 2) float32 RoPE table (cos, sin), contiguous.
+
+    Returns:
+        Tensor: (C,) float32 mean of the key features over the tokens (summed in float64).
+    """
+    return torch.ops.mlla.features(qk, feat, rot, table)
+
+
+def features_grad(
+    grad_rot: torch.Tensor,
+    feat: torch.Tensor,
+    table: torch.Tensor,
+    gs: torch.Tensor,
+    kmean: torch.Tensor,
+    kconst: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """The gradient of one image's ``qk`` from its rotated features' (``torch.ops.mlla.
+    features_grad``): RoPE's transpose, plus the normaliser's terms, times ELU's derivative.
+
+    Args:
+        grad_rot: (N, 2, C) float32 gradient of the rotated q and k features.
+        feat: (N, 2, C) float32 features (:func:`features`).
+        table: (N, C / 2, 2) float32 RoPE table.
+        gs: (N, heads) float32 gradient of each token's normaliser sum ``q . mean(k) + 1e-6``
+            (q's term: ``gs * mean(k)``).
+        kmean: (C,) float32 mean of the key features.
+        kconst: (C,) float32 gradient every key feature gets through ``mean(k)``.
+        out: (N, 2, C) float32 or bfloat16 output (rounded once).
+
+    Returns:
+        Tensor: ``out``.
+    """
+    torch.ops.mlla.features_grad(grad_rot, feat, table, gs, kmean, kconst, out)
+    return out
 
 
 def attention_features(

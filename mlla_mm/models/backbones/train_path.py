@@ -57,7 +57,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import fast_path
+from . import cpu_kernels, fast_path
 
 __all__ = [
     'BlockFunction',
@@ -592,6 +592,46 @@ def _attention(qk, s, lepe, spec: _Spec, dtype: torch.dtype) -> torch.Tensor:
     return y.view(b, h, w, c).add_(lepe)
 
 
+def _attention_backward(qk, v, grad, h: int, w: int, spec: _Spec, dtype, out) -> tuple:
+    """``spec.attend_backward`` (the gradients of ``qk`` and ``v``, and the recomputed forward
+    into ``out``); in float32 with the C kernels built, the element-wise work as two kernels
+    per image (:func:`.cpu_kernels.features` and :func:`.cpu_kernels.features_grad`) around
+    the same products, where ATen makes about ten passes."""
+    b, n, c = v.shape
+    heads = spec.heads
+    if not (dtype == torch.float32 and fast_path._c_kernels(qk, v, grad, out)):
+        return spec.attend_backward(qk, v, grad, h, w, heads, dtype, out=out)
+    table = fast_path._rope_table(spec.rope_tables, h, w, c, qk.device)
+    grad_qk, grad_v = torch.empty_like(qk), torch.empty_like(v)
+
+    def split(t):  # (N, C) -> (heads, N, d), a view
+        return t.unflatten(-1, (heads, -1)).transpose(0, 1)
+
+    for i in range(b):  # as feature_attention_backward, per image
+        features = torch.empty(n, 2, c, dtype=dtype, device=qk.device)
+        rotated = torch.empty_like(features)
+        k_mean = cpu_kernels.features(qk[i].view(n, 2, c), features, rotated, table)
+        qh, q_rope, k_rope = split(features[:, 0]), split(rotated[:, 0]), split(rotated[:, 1])
+        vh, gh = split(v[i].to(dtype)), split(grad[i])
+        z = 1.0 / (qh @ k_mean.view(heads, -1, 1) + 1e-6)  # (heads, N, 1)
+        kv = (k_rope.transpose(-2, -1) @ vh) * (1.0 / n)  # (heads, d, d)
+        g = gh * z
+        attended = q_rope @ kv
+        torch.mul(attended, z, out=split(out[i]))
+        grad_s = (gh * attended).sum(-1, keepdim=True).mul_(z).mul_(z).neg_()
+        grad_kv = (q_rope.transpose(-2, -1) @ g) * (1.0 / n)
+        grad_v[i] = (k_rope @ grad_kv).transpose(0, 1).flatten(1)
+        k_const = ((grad_s.transpose(-2, -1) @ qh) * (1.0 / n)).flatten()  # through mean(k)
+        # the rotations are used up: their buffer takes their gradients
+        torch.matmul(g, kv.transpose(-2, -1), out=q_rope)
+        torch.matmul(vh, grad_kv.transpose(-2, -1), out=k_rope)
+        gs = grad_s.view(heads, n).t().contiguous()  # token-major (N, heads)
+        cpu_kernels.features_grad(
+            rotated, features, table, gs, k_mean, k_const, grad_qk[i].view(n, 2, c)
+        )
+    return grad_qk, grad_v
+
+
 class BlockFunction(torch.autograd.Function):
     """A whole ``MLLABlock`` in training, saving its input, the outputs of ``in_proj``,
     ``act_proj`` and ``attn.qk``, and the input of the second CPE (6 of the 19 (B, H, W, C)
@@ -704,15 +744,8 @@ def _block_backward(ctx, grad):
     d = _conv_tokens(p, w_d_low, b_d_low, spec.dwc)
     s = F.silu(d)
     o = torch.empty(b, n, c, dtype=adt, device=x.device)
-    g_qk, g_v = spec.attend_backward(
-        qk.view(b, n, 2 * c),
-        s.reshape(b, n, c),
-        g_y.view(b, n, c).to(adt),
-        h,
-        w,
-        spec.heads,
-        adt,
-        out=o,
+    g_qk, g_v = _attention_backward(
+        qk.view(b, n, 2 * c), s.reshape(b, n, c), g_y.view(b, n, c).to(adt), h, w, spec, adt, o
     )
     y = o.view(b, h, w, c).add_(_conv_tokens(s, w_l_low, b_l_low, spec.lepe)).to(cdt)
     del o

@@ -169,6 +169,22 @@ def test_kernels_are_custom_ops_the_dispatcher_sees():
         (torch.ops.mlla.gate_.default, (y, g.clone())),
         (torch.ops.mlla.bias_act_.default, (g.clone(), torch.randn(24), 1)),
         (torch.ops.mlla.layer_norm.default, (y, torch.ones(24), torch.zeros(24), 1e-5, g.clone())),
+        (
+            torch.ops.mlla.features.default,
+            (qk[0], torch.empty(qk[0].shape), torch.empty(qk[0].shape), table),
+        ),
+        (
+            torch.ops.mlla.features_grad.default,
+            (
+                torch.randn(qk[0].shape),
+                torch.rand(qk[0].shape),
+                table,
+                torch.randn(63, 2),
+                torch.rand(24),
+                torch.randn(24),
+                torch.empty(qk[0].shape),
+            ),
+        ),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=('test_schema', 'test_faketensor'))
@@ -312,3 +328,65 @@ def test_scratch_buffers_hold_large_results_and_never_escape(monkeypatch, autoca
         for outs, x in ((first, x1), (second, x2)):
             assert all(rel_err(o.float(), r) <= tolerance for o, r in zip(outs, ref(x)))
     ops.release_workspace()
+
+
+def _attention_backward(qk, v, grad, h, w, heads, aten):
+    """The block unit's attention backward (the gradients of qk and v, and the recomputed
+    output), on the kernels or, with ``aten``, on the reference's ATen ops."""
+    from mlla_mm.models.backbones import train_path
+
+    layer = mlla.LinearAttention
+    spec = train_path._Spec(
+        *[None] * 4, 1e-5, 1e-5, heads, qk.dtype, layer.attend, layer.attend_backward,
+        layer.rope_tables,
+    )  # fmt: skip
+    out = torch.empty(v.shape)
+    caps = dataclasses.replace(ops.CAPS, cpu_kernels=not aten)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ops, 'CAPS', caps)
+        grads = train_path._attention_backward(qk, v, grad, h, w, spec, torch.float32, out)
+    return (*grads, out)
+
+
+@needs_cc
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('c, heads', [(24, 2), (12, 3), (16, 1)])
+def test_attention_backward_kernels_match_aten(monkeypatch, dtype, c, heads):
+    """The training units' attention backward on the kernels (features and rotations in one
+    pass; RoPE's transpose, the normaliser's terms and ELU's derivative in another): the
+    gradients of q/k and v and the recomputed output of the reference's ATen backward, for
+    float32 and bf16 inputs (gradients in their dtypes), even and odd head widths, and NaN
+    propagated."""
+    g = torch.Generator().manual_seed(0)
+    qk = (torch.randn(2, 63, 2 * c, generator=g) * 2).to(dtype)
+    v = torch.randn(2, 63, c, generator=g).to(dtype)
+    grad = torch.randn(2, 63, c, generator=g)
+    calls = []
+    for name in ('features', 'features_grad'):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, r=real: calls.append(r) or r(*a))
+    fused = _attention_backward(qk, v, grad, 7, 9, heads, aten=False)
+    assert len(calls) == 4  # two kernels per image
+    ref = _attention_backward(qk, v, grad, 7, 9, heads, aten=True)
+    tol = 2e-6 if dtype == torch.float32 else 2**-7  # bf16: one rounding of the result
+    for a, b in zip(fused, ref, strict=True):
+        assert a.dtype == b.dtype and rel_err(a.float(), b.float()) <= tol
+    qk[1, 5, 3] = qk[0, 7, c + 1] = float('nan')  # a query's and a key's feature
+    fused = _attention_backward(qk, v, grad, 7, 9, heads, aten=False)
+    ref = _attention_backward(qk, v, grad, 7, 9, heads, aten=True)
+    for a, b in zip(fused, ref, strict=True):
+        assert a.isnan().any() and torch.equal(a.isnan(), b.isnan())
+
+
+@needs_cc
+@pytest.mark.skipif(platform.machine() != 'x86_64', reason='x86-64 baseline build')
+def test_attention_backward_kernels_built_without_avx_match_aten(monkeypatch, tmp_path):
+    """The backward kernels built for the x86-64 baseline (SSE2): the same gradients."""
+    baseline = cpu_kernels.build(cache_dir=tmp_path, march='x86-64')
+    monkeypatch.setattr(cpu_kernels, '_LIB', cpu_kernels.load(baseline))
+    monkeypatch.setattr(cpu_kernels, '_TRIED', True)
+    qk, v, grad = torch.randn(1, 63, 80), torch.randn(1, 63, 40), torch.randn(1, 63, 40)
+    fused = _attention_backward(qk, v, grad, 7, 9, 5, aten=False)
+    ref = _attention_backward(qk, v, grad, 7, 9, 5, aten=True)
+    for a, b in zip(fused, ref, strict=True):
+        assert rel_err(a, b) <= 2e-6
