@@ -1,13 +1,14 @@
 """Static int8 post-training quantisation of the exported backbone, and its accuracy in the
 detector.
 
-Method: NNCF's post-training quantisation of the ONNX graph (``nncf.quantize``, transformer
-preset, calibrated on images of the training set as the detector's data preprocessor hands them
-to the backbone). It writes a QDQ ONNX file (standard ``QuantizeLinear``/``DequantizeLinear``), so
-the same file runs in OpenVINO (int8 kernels: VNNI/AMX) and onnxruntime (QDQ fused into its int8
-operators). NNCF rather than onnxruntime's ``quantize_static``: it places the quantisers where
-OpenVINO's int8 kernels fuse them and keeps LayerNorm, the ELU and the attention's normaliser in
-float (its transformer preset), which ``quantize_static`` would quantise node by node.
+Method: NNCF's post-training quantisation of the ONNX graph (``nncf.quantize``, transformer model
+type, symmetric activations (:data:`PRESETS`), calibrated on images of the training set as the
+detector's data preprocessor hands them to the backbone). It writes a QDQ ONNX file (standard
+``QuantizeLinear``/``DequantizeLinear``), so the same file runs in OpenVINO (int8 kernels:
+VNNI/AMX) and onnxruntime (QDQ fused into its int8 operators). NNCF rather than onnxruntime's
+``quantize_static``: it places the quantisers where OpenVINO's int8 kernels fuse them and keeps
+LayerNorm, the ELU and the attention's normaliser in float (its transformer model type), which
+``quantize_static`` would quantise node by node.
 
 Accuracy: :class:`OnnxBackbone` puts an ONNX backbone (float or int8, either runtime) into the
 PyTorch detector in place of its MLLA, and :func:`evaluate_detector` runs mmdet's test loop and
@@ -28,6 +29,7 @@ from mlla_mm.utils import require
 
 __all__ = [
     'FLOAT_NODES',
+    'PRESETS',
     'OnnxBackbone',
     'backbone_inputs',
     'evaluate_detector',
@@ -44,6 +46,13 @@ __all__ = [
 #: On the toy detector: everything int8, bbox mAP_50 -0.009 (onnxruntime) / -0.010 (OpenVINO);
 #: with these in float -0.003 / -0.004 (docs/deployment.md).
 FLOAT_NODES = (r'.*/blocks\.[0-9]+/MatMul.*', r'/patch_embed/conv1/.*', r'/norm[0-9]+/.*')
+
+#: NNCF quantisation presets (``preset=`` of :func:`quantize_onnx`), the default first.
+#: ``'performance'``: symmetric int8 activations, which OpenVINO's int8 convolutions take as they
+#: are. ``'mixed'`` (NNCF's default for transformers): asymmetric activations, whose zero points
+#: OpenVINO's CPU plugin leaves as separate ``Subtract`` nodes before 1x1 convolutions it then
+#: runs in float32 (MLLA-T, 1280x800, 2 threads: no faster than the float32 graph).
+PRESETS = ('performance', 'mixed')
 
 
 def backbone_inputs(cfg: Config, detector: nn.Module, split: str = 'train', num: int = 32):
@@ -79,8 +88,9 @@ def quantize_onnx(
     calibration: Sequence[np.ndarray],
     ignored_names: Sequence[str] = FLOAT_NODES,
     fast_bias_correction: bool = True,
+    preset: str = PRESETS[0],
 ) -> str:
-    """Static int8 PTQ of an ONNX file with NNCF (transformer preset), QDQ ONNX out.
+    """Static int8 PTQ of an ONNX file with NNCF (transformer model type), QDQ ONNX out.
 
     Args:
         onnx_file: The float32 graph (one input).
@@ -89,10 +99,13 @@ def quantize_onnx(
         ignored_names: Node names (regular expressions) to keep in float (default
             :data:`FLOAT_NODES`; patterns that match nothing are ignored).
         fast_bias_correction: NNCF's bias correction variant.
+        preset: One of :data:`PRESETS` (symmetric or asymmetric int8 activations).
 
     Returns:
         str: ``out_file``.
     """
+    if preset not in PRESETS:
+        raise ValueError(f'preset must be one of {PRESETS}, got {preset!r}')
     onnx = require('onnx', 'int8 quantisation')
     nncf = require('nncf', 'int8 quantisation')
     model = onnx.load(str(onnx_file))
@@ -104,7 +117,8 @@ def quantize_onnx(
     kwargs = dict(ignored_scope=ignored) if ignored else {}
     quantized = nncf.quantize(
         model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration),
-        fast_bias_correction=fast_bias_correction, **kwargs,
+        fast_bias_correction=fast_bias_correction, preset=nncf.QuantizationPreset(preset),
+        **kwargs,
     )  # fmt: skip
     onnx.save(quantized, str(out_file))
     return str(out_file)
@@ -170,10 +184,12 @@ def quantize_detector_backbone(
     runtimes: Sequence[str] = ('onnxruntime', 'openvino'),
     export_shape: Sequence[int] = (224, 224),
     ignored_names: Sequence[str] = FLOAT_NODES,
+    preset: str = PRESETS[0],
     log=print,
 ) -> dict:
     """Export a detector's MLLA backbone (:func:`~.export_friendly.export_friendly`), quantise
-    it to int8 (:func:`quantize_onnx`, calibrated on ``num_calibration`` training images) and
+    it to int8 (:func:`quantize_onnx` with ``preset``, calibrated on ``num_calibration`` training
+    images) and
     evaluate the detector on the config's validation set with the PyTorch backbone, the float
     ONNX backbone and the int8 one in each of ``runtimes``.
 
@@ -193,9 +209,8 @@ def quantize_detector_backbone(
     int8 = os.path.join(work_dir, 'backbone_int8.onnx')
     export_onnx(export_friendly(detector.backbone), fp32, export_shape)
     log(f'exported {fp32}; calibrating on {num_calibration} training images')
-    quantize_onnx(
-        fp32, int8, backbone_inputs(cfg, detector, 'train', num_calibration), ignored_names
-    )
+    calibration = backbone_inputs(cfg, detector, 'train', num_calibration)
+    quantize_onnx(fp32, int8, calibration, ignored_names, preset=preset)
     log(f'wrote {int8}')
     metrics = {'eager': evaluate_detector(cfg, detector, os.path.join(work_dir, 'eval'))}
     for runtime in runtimes:

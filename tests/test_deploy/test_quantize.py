@@ -54,8 +54,27 @@ def test_int8_backbone_stays_close_to_float(toy, tmp_path):
     quantize_onnx(fp32, int8, calibration)
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(int8)).graph.node}
-    assert {'QuantizeLinear', 'DequantizeLinear'} <= ops
+    graph = onnx.load(str(int8)).graph
+    assert {'QuantizeLinear', 'DequantizeLinear'} <= {n.op_type for n in graph.node}
+    # the default preset: symmetric activations (zero points 0), which OpenVINO's int8
+    # convolutions take; with asymmetric ones it ran the 1x1 convolutions in float32
+    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    activation_zero_points = [
+        initializers[n.input[2]]
+        for n in graph.node
+        if n.op_type == 'QuantizeLinear' and n.input[0] not in initializers
+    ]
+    assert activation_zero_points and not any(z.any() for z in activation_zero_points)
+    if runtimes_available(['openvino-int8']):
+        from mlla_mm.deploy.runtimes import openvino_model
+
+        kernels = [
+            op.get_rt_info()['primitiveType'].astype(str).lower()
+            for op in openvino_model(int8, 1).get_runtime_model().get_ordered_ops()
+            if op.get_rt_info()['layerType'].astype(str) in ('Convolution', 'GroupConvolution')
+        ]
+        int8_kernels = [k for k in kernels if k.endswith(('i8', 'u8'))]
+        assert len(int8_kernels) > len(kernels) / 2, kernels
     val = backbone_inputs(cfg, detector, 'val', 2)
     for runtime in runtimes_available(['onnxruntime-int8', 'openvino-int8']):
         run = make_runner(runtime, onnx_file=int8, threads=1)
@@ -67,6 +86,13 @@ def test_int8_backbone_stays_close_to_float(toy, tmp_path):
             for e, g in zip(expected, got):
                 cos = float((e * g).sum() / np.linalg.norm(e) / np.linalg.norm(g))
                 assert cos > 0.99, (runtime, cos)
+
+
+def test_quantize_onnx_refuses_an_unknown_preset(tmp_path):
+    from mlla_mm.deploy.quantize import quantize_onnx
+
+    with pytest.raises(ValueError, match='preset'):
+        quantize_onnx(tmp_path / 'fp32.onnx', tmp_path / 'int8.onnx', [], preset='fast')
 
 
 def test_detector_evaluates_with_an_onnx_backbone(toy, tmp_path):

@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 
-from mlla_mm.deploy.quantize import FLOAT_NODES, _map50, quantize_detector_backbone
+from mlla_mm.deploy.quantize import FLOAT_NODES, PRESETS, _map50, quantize_detector_backbone
 from mlla_mm.utils.command_line import user_errors
 
 
@@ -30,6 +30,12 @@ def parse_args(argv=None):
         help='ONNX node name patterns kept in float (default: the attention products and the '
         "stem's first conv; none: quantise everything)",
     )
+    parser.add_argument(
+        '--preset',
+        choices=PRESETS,
+        default=PRESETS[0],
+        help='NNCF preset: symmetric (performance) or asymmetric (mixed) int8 activations',
+    )
     parser.add_argument('--max-drop', type=float, default=0.01)
     return parser.parse_args(argv)
 
@@ -38,7 +44,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     result = quantize_detector_backbone(
         args.config, args.checkpoint, args.work_dir, args.calibration, args.runtimes,
-        ignored_names=args.float_nodes,
+        ignored_names=args.float_nodes, preset=args.preset,
     )  # fmt: skip
     with open(os.path.join(args.work_dir, 'int8_metrics.json'), 'w') as f:
         json.dump(result, f, indent=1, default=float)
