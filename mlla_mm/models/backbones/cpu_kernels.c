@@ -267,3 +267,21 @@ void mlla_features_grad(const float *grad_rot, const float *feat, const float *t
     }
   }
 }
+
+/* The block's gate, float32: out = y * SiLU(a) over n elements (out may be y). */
+void mlla_silu_gate(const float *y, const float *a, float *out, long n, int threads) {
+#pragma omp parallel for simd num_threads(threads) schedule(static)
+  for (long i = 0; i < n; i++) out[i] = y[i] * silu(a[i]);
+}
+
+/* Its backward, float32, in place: given g, the gradient of m = y * SiLU(a), writes m into y
+ * and the gradient of a, g * y * SiLU'(a), into g (SiLU'(a) = s (1 + a (1 - s)), s =
+ * sigmoid(a), as ATen's silu_backward); y's gradient is the gate of g (mlla_silu_gate). */
+void mlla_silu_gate_backward(float *g, float *y, const float *a, long n, int threads) {
+#pragma omp parallel for simd num_threads(threads) schedule(static)
+  for (long i = 0; i < n; i++) {
+    float x = a[i], s = 1.0f / (1.0f + expf(-x)), yi = y[i];
+    y[i] = yi * (x * s);
+    g[i] *= yi * (s * (1.0f + x * (1.0f - s)));
+  }
+}

@@ -14,7 +14,7 @@ implementation, so the dispatcher, the profiler, FakeTensor and FLOP counters se
 fused inference path (:mod:`.fast_path`) and the training units (:mod:`.train_path`) call them;
 the units' attention backward uses ``features`` and ``features_grad`` (the features and their
 rotations in one pass, and RoPE's transpose, the normaliser's terms and ELU's derivative in
-another).
+another), and their float32 gate ``silu_gate_`` and ``silu_gate_backward_``.
 
 The C file has no Python or torch headers: on first use it is compiled with the system C
 compiler (``$CC``, else ``cc``; about a second) for this machine's CPU (``-march=native``) into
@@ -57,6 +57,8 @@ __all__ = [
     'layer_norm',
     'library',
     'load',
+    'silu_gate',
+    'silu_gate_backward_',
     'usable',
 ]
 
@@ -212,6 +214,8 @@ def load(path: str | Path) -> ctypes.CDLL:
     lib.mlla_layer_norm.argtypes = [p, i, p, p, ctypes.c_float, p, i, n, n, i]
     lib.mlla_features.argtypes = [p, i, p, p, p, p, n, n, i]
     lib.mlla_features_grad.argtypes = [p, p, p, p, p, p, p, i, n, n, n, i]
+    lib.mlla_silu_gate.argtypes = [p, p, p, n, i]
+    lib.mlla_silu_gate_backward.argtypes = [p, p, p, n, i]
     kernels = (
         lib.mlla_keys,
         lib.mlla_queries,
@@ -220,6 +224,8 @@ def load(path: str | Path) -> ctypes.CDLL:
         lib.mlla_layer_norm,
         lib.mlla_features,
         lib.mlla_features_grad,
+        lib.mlla_silu_gate,
+        lib.mlla_silu_gate_backward,
     )
     for f in kernels:
         f.restype = None
@@ -402,6 +408,55 @@ def features_grad(
     """
     torch.ops.mlla.features_grad(grad_rot, feat, table, gs, kmean, kconst, out)
     return out
+
+
+@torch.library.custom_op('mlla::silu_gate', mutates_args=('out',), device_types='cpu')
+def _silu_gate_op(y: torch.Tensor, a: torch.Tensor, out: torch.Tensor) -> None:
+    n = y.numel()
+    library().mlla_silu_gate(y.data_ptr(), a.data_ptr(), out.data_ptr(), n, _threads(n))
+
+
+@_silu_gate_op.register_fake
+def _(y, a, out) -> None:
+    return None
+
+
+@torch.library.custom_op('mlla::silu_gate_backward_', mutates_args=('g', 'y'), device_types='cpu')
+def _silu_gate_backward_op(g: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> None:
+    n = g.numel()
+    library().mlla_silu_gate_backward(g.data_ptr(), y.data_ptr(), a.data_ptr(), n, _threads(n))
+
+
+@_silu_gate_backward_op.register_fake
+def _(g, y, a) -> None:
+    return None
+
+
+def silu_gate(y: torch.Tensor, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = y * SiLU(a)`` in one pass (``torch.ops.mlla.silu_gate``; a block's gate in
+    training, and the gradient of its other factor), float32 contiguous tensors of one shape;
+    ``out`` may be ``y``.
+
+    Returns:
+        Tensor: ``out``.
+    """
+    torch.ops.mlla.silu_gate(y, a, out)
+    return out
+
+
+def silu_gate_backward_(
+    g: torch.Tensor, y: torch.Tensor, a: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rest of the backward of ``m = y * SiLU(a)`` in one pass, in place
+    (``torch.ops.mlla.silu_gate_backward_``), float32 contiguous tensors of one shape: given
+    ``g``, the gradient of ``m``, writes ``m`` into ``y`` and the gradient of ``a`` into ``g``
+    (``y``'s is ``silu_gate(g, a)``).
+
+    Returns:
+        tuple: ``(m, g_a)``, the tensors ``y`` and ``g``.
+    """
+    torch.ops.mlla.silu_gate_backward_(g, y, a)
+    return y, g
 
 
 def attention_features(

@@ -573,6 +573,12 @@ def _cast(t, dtype):
     return None if t is None else t.to(dtype)
 
 
+def _fused_gate(y: torch.Tensor, a: torch.Tensor) -> bool:
+    """Whether the gate ``y * SiLU(a)`` and its backward run as C kernels (float32 with them
+    built; in bf16 ATen's ops keep autocast's roundings)."""
+    return y.dtype == a.dtype == torch.float32 and fast_path._c_kernels(y, a)
+
+
 def _attention(qk, s, lepe, spec: _Spec, dtype: torch.dtype) -> torch.Tensor:
     """The block's attention plus its LePE, ``attend(qk, s) + lepe`` (B, H, W, C) in ``dtype``;
     as the inference fast path's fused core (:func:`.fast_path.attention_core_`, one C kernel
@@ -666,7 +672,10 @@ class BlockFunction(torch.autograd.Function):
             s = F.silu(conv(p, w_d, b_d, spec.dwc), inplace=True)
             qk = linear(s, w_qk, b_qk)
             y = _attention(qk, s, conv(s, w_l, b_l, spec.lepe), spec, adt).to(cdt)
-            y *= F.silu(a)
+            if _fused_gate(y, a):
+                cpu_kernels.silu_gate(y, a, y)
+            else:
+                y *= F.silu(a)
             del s
             r = linear(y, w_o, b_o)
             del y
@@ -739,8 +748,12 @@ def _block_backward(ctx, grad):
     g_r = g_x2.to(cdt) if mask1 is None else g_x2.to(cdt) * mask1
     g_r2 = g_r.reshape(-1, c)
     g_m = (g_r2 @ w_o_low).view(b, h, w, c)
-    gate = F.silu(a)
-    g_y = g_m * gate
+    fused = _fused_gate(g_m, a)
+    if fused:
+        g_y = cpu_kernels.silu_gate(g_m, a, torch.empty_like(g_m))
+    else:
+        gate = F.silu(a)
+        g_y = g_m * gate
     d = _conv_tokens(p, w_d_low, b_d_low, spec.dwc)
     s = F.silu(d)
     o = torch.empty(b, n, c, dtype=adt, device=x.device)
@@ -749,13 +762,16 @@ def _block_backward(ctx, grad):
     )
     y = o.view(b, h, w, c).add_(_conv_tokens(s, w_l_low, b_l_low, spec.lepe)).to(cdt)
     del o
-    g_gate = g_m.mul_(y)
-    m = y.mul_(gate)
-    del gate
+    if fused:
+        m, g_a = cpu_kernels.silu_gate_backward_(g_m, y, a)
+    else:
+        g_gate = g_m.mul_(y)
+        m = y.mul_(gate)
+        del gate
+        g_a = torch.ops.aten.silu_backward(g_gate, a)
+        del g_gate
     gw_o, gb_o = _linear_grads(g_r2, m.reshape(-1, c), w_o, b_o)
     del m, g_r, g_r2
-    g_a = torch.ops.aten.silu_backward(g_gate, a)
-    del g_gate
     g_s, gw_l, gb_l = _conv_tokens_backward(g_y, s, w_l_low, b_l_low, spec.lepe, (w_l, b_l))
     del g_y
     g_qk2 = g_qk.reshape(-1, 2 * c)

@@ -185,6 +185,8 @@ def test_kernels_are_custom_ops_the_dispatcher_sees():
                 torch.empty(qk[0].shape),
             ),
         ),
+        (torch.ops.mlla.silu_gate.default, (y, g, torch.empty(4, 24))),
+        (torch.ops.mlla.silu_gate_backward_.default, (g.clone(), y.clone(), torch.randn(4, 24))),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=('test_schema', 'test_faketensor'))
@@ -390,3 +392,22 @@ def test_attention_backward_kernels_built_without_avx_match_aten(monkeypatch, tm
     ref = _attention_backward(qk, v, grad, 7, 9, 5, aten=True)
     for a, b in zip(fused, ref, strict=True):
         assert rel_err(a, b) <= 2e-6
+
+
+@needs_cc
+def test_gate_kernels_match_aten():
+    """The block's float32 gate ``m = y * SiLU(a)`` and its backward in one pass each: ATen's
+    ``m``, ``y``'s gradient ``g * SiLU(a)`` and ``a``'s, ``silu_backward(g * y, a)``, to
+    float32 rounding; NaN propagates."""
+    g = torch.Generator().manual_seed(0)
+    y, a, grad = (torch.randn(3, 5, 7, 40, generator=g) * 4 for _ in range(3))
+    a[0, 0, 0, :3] = torch.tensor([float('nan'), float('inf'), -float('inf')])
+    m = cpu_kernels.silu_gate(y, a, torch.empty_like(y))
+    g_y = cpu_kernels.silu_gate(grad, a, torch.empty_like(y))
+    m2, g_a = cpu_kernels.silu_gate_backward_(grad.clone(), y.clone(), a)
+    ref_m, ref_g_a = y * F.silu(a), torch.ops.aten.silu_backward(grad * y, a)
+    for out, ref in ((m, ref_m), (g_y, grad * F.silu(a)), (m2, ref_m), (g_a, ref_g_a)):
+        assert torch.equal(out.isnan(), ref.isnan())
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert cpu_kernels.silu_gate(y, a, y) is y  # in place
+    torch.testing.assert_close(y, m, rtol=0, atol=0, equal_nan=True)
