@@ -573,6 +573,32 @@ def _cast(t, dtype):
     return None if t is None else t.to(dtype)
 
 
+def _folds_residual(x: torch.Tensor, compute: torch.dtype, weight, spec: tuple) -> bool:
+    """Whether ``x + CPE(x)`` runs as one conv whose centre tap is increased by one (exact in
+    real arithmetic; it saves a pass over the tokens in forward and in backward): float32 or
+    float64 without autocast (under autocast the module rounds the conv to its dtype first),
+    and a stride-1 same-size depthwise conv."""
+    stride, padding, dilation, groups = spec
+    k = weight.shape[2:]
+    return (
+        x.dtype == compute in (torch.float32, torch.float64)
+        and groups == weight.shape[0]
+        and weight.shape[1] == 1
+        and stride == [1, 1]
+        and dilation == [1, 1]
+        and padding == [k[0] // 2, k[1] // 2]
+        and k[0] % 2 == k[1] % 2 == 1
+    )
+
+
+def _plus_identity(weight: torch.Tensor) -> torch.Tensor:
+    """A depthwise kernel plus the identity (its centre tap plus one), a new tensor."""
+    kh, kw = weight.shape[2:]
+    weight = weight.clone()
+    weight[:, :, kh // 2, kw // 2] += 1.0
+    return weight
+
+
 def _fused_gate(y: torch.Tensor, a: torch.Tensor) -> bool:
     """Whether the gate ``y * SiLU(a)`` and its backward run as C kernels (float32 with them
     built; in bf16 ATen's ops keep autocast's roundings)."""
@@ -664,7 +690,9 @@ class BlockFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             # the residual stream (x1, x2, x3, out) in x's and cdt's promoted dtype, as autocast
             # gives it; the LayerNorms run in it (CPU autocast leaves layer_norm's dtype alone)
-            x1 = x + conv(x, w_c1, b_c1, spec.cpe1)
+            fold = _folds_residual(x, cdt, w_c1, spec.cpe1)
+            x1 = _conv_tokens(x, _plus_identity(w_c1), b_c1, spec.cpe1) if fold else None
+            x1 = x + conv(x, w_c1, b_c1, spec.cpe1) if x1 is None else x1
             xn = F.layer_norm(x1, (c,), w_n1, b_n1, spec.eps1)
             a = linear(xn, w_a, b_a)
             p = linear(xn, w_i, b_i)
@@ -680,7 +708,8 @@ class BlockFunction(torch.autograd.Function):
             r = linear(y, w_o, b_o)
             del y
             x2 = x1.add_(r if mask1 is None else r.mul_(mask1))
-            x3 = x2 + conv(x2, w_c2, b_c2, spec.cpe2)
+            x3 = _conv_tokens(x2, _plus_identity(w_c2), b_c2, spec.cpe2) if fold else None
+            x3 = x2 + conv(x2, w_c2, b_c2, spec.cpe2) if x3 is None else x3
             f = _mlp(
                 F.layer_norm(x3, (c,), w_n2, b_n2, spec.eps2).to(cdt),
                 w_f1.to(cdt),
@@ -723,7 +752,12 @@ def _block_backward(ctx, grad):
 
     # ---- out = x3 + MLP(LN(x3)), x3 = x2 + CPE2(x2)
     x2_low, w_c2_low, b_c2_low = low(x2, w_c2, b_c2)
-    x3 = x2 + _conv_tokens(x2_low, w_c2_low, b_c2_low, spec.cpe2)
+    fold = _folds_residual(x, cdt, w_c1, spec.cpe1)  # x + CPE(x) as one conv, as in forward
+    if fold:  # the centre tap plus one: the conv's data gradient is then the residual's too
+        w_c2_low = _plus_identity(w_c2_low)
+        x3 = _conv_tokens(x2_low, w_c2_low, b_c2_low, spec.cpe2)
+    else:
+        x3 = x2 + _conv_tokens(x2_low, w_c2_low, b_c2_low, spec.cpe2)
     xn2, mean2, rstd2 = torch.native_layer_norm(x3, [c], w_n2, b_n2, spec.eps2)
     g_f = grad.to(cdt) if mask2 is None else grad.to(cdt) * mask2
     g_xn2, gw_f1, gb_f1, gw_f2, gb_f2 = _mlp_backward(
@@ -740,8 +774,8 @@ def _block_backward(ctx, grad):
     gi, gw_c2, gb_c2 = _conv_tokens_backward(
         g_x3.to(cdt), x2_low, w_c2_low, b_c2_low, spec.cpe2, (w_c2, b_c2)
     )
-    g_x2 = g_x3.add_(gi)
-    del gi, x2_low
+    g_x2 = gi if fold else g_x3.add_(gi)
+    del gi, g_x3, x2_low
 
     # ---- x2 = x1 + out_proj((attn(s) + LePE(s)) * SiLU(a)), s = SiLU(dwc(p))
     w_o_low, w_d_low, b_d_low, w_l_low, b_l_low, w_qk_low = low(w_o, w_d, b_d, w_l, b_l, w_qk)
@@ -786,7 +820,11 @@ def _block_backward(ctx, grad):
 
     # ---- x1 = x + CPE1(x), then LN1 into act_proj and in_proj
     x_low, w_c1_low, b_c1_low, w_i_low, w_a_low = low(x, w_c1, b_c1, w_i, w_a)
-    x1 = x + _conv_tokens(x_low, w_c1_low, b_c1_low, spec.cpe1)
+    if fold:
+        w_c1_low = _plus_identity(w_c1_low)
+        x1 = _conv_tokens(x_low, w_c1_low, b_c1_low, spec.cpe1)
+    else:
+        x1 = x + _conv_tokens(x_low, w_c1_low, b_c1_low, spec.cpe1)
     xn, mean1, rstd1 = torch.native_layer_norm(x1, [c], w_n1, b_n1, spec.eps1)
     g_p2, g_a2, xn2d = g_p.reshape(-1, c), g_a.reshape(-1, c), xn.reshape(-1, c).to(cdt)
     g_xn = (g_p2 @ w_i_low).to(rdt)
@@ -802,7 +840,7 @@ def _block_backward(ctx, grad):
     gi, gw_c1, gb_c1 = _conv_tokens_backward(
         g_x1.to(cdt), x_low, w_c1_low, b_c1_low, spec.cpe1, (w_c1, b_c1), need_x=need_x
     )
-    g_x = g_x1.add_(gi).to(x.dtype) if need_x else None
+    g_x = None if not need_x else gi if fold else g_x1.add_(gi).to(x.dtype)
     grads = (
         gw_c1,
         gb_c1,

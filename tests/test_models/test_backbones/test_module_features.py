@@ -59,8 +59,9 @@ def test_hooks_fire_and_an_editing_hook_changes_the_output(request, mode, name):
     with grad:
         same = model(x)
     assert pre and post, f'{name}: hooks did not fire in {mode}'
-    # observing changes nothing (the module forward instead of the fused one: round-off)
-    assert all(rel_err(a.detach(), b.detach()) <= 1e-6 for a, b in zip(same, plain))
+    # observing changes nothing (the module forward instead of the fused one: float32
+    # round-off, summed in another order and grown through the four stages)
+    assert all(rel_err(a.detach(), b.detach()) <= 5e-6 for a, b in zip(same, plain))
     h2.remove()
     h3 = layer.register_forward_hook(lambda m, args, out: out * -20.0)
     with grad:

@@ -358,8 +358,9 @@ def _block_step(block, x, grad, autocast=None):
 def test_block_unit_gives_the_module_result(dtype, autocast, drop_path):
     """The whole-block training unit against the module forward (which a hook on ``norm2``
     selects): the same output and gradients for the input and every parameter (the same
-    operations in the same dtypes, so equal up to the order of a few sums), in float64,
-    float32 and under bf16 autocast (float32 and bf16 residual streams)."""
+    operations in the same dtypes, so equal up to the order of sums: 1e-12 in float64, 1e-5 of
+    each gradient's scale in float32), in float64, float32 and under bf16 autocast (float32 and
+    bf16 residual streams)."""
     from mlla_mm.models.backbones import train_path
 
     block = _block_pair(drop_path)
@@ -380,8 +381,10 @@ def test_block_unit_gives_the_module_result(dtype, autocast, drop_path):
     names = ['input'] + [n for n, _ in block.named_parameters()]
     for name, g, r in zip(names, grads, ref_grads):
         assert g.dtype == r.dtype, name
-        if autocast is None:
-            torch.testing.assert_close(g, r, **tol, msg=name)
+        if autocast is None:  # float32: the unit's kernels and folded residual convs sum in
+            # another order, so to rounding on the gradient's scale (entries up to ~100)
+            scale = r.abs().max()
+            assert (g - r).abs().max() <= tol['rtol'] * scale + tol['atol'], name
         else:  # bf16 products summed in another order: bf16 rounding
             err = ((g.float() - r.float()).norm() / r.float().norm()).item()
             assert err <= 1e-2, (name, err)
