@@ -414,12 +414,13 @@ def add_conv(
     )  # fmt: skip
 
 
-def _identity_taps(layer: nn.Conv2d) -> torch.Tensor:
-    """A depthwise kernel that is the identity: 1 at the centre tap, 0 elsewhere."""
-    kh, kw = layer.kernel_size
-    eye = layer.weight.new_zeros(layer.weight.shape)
-    eye[:, :, kh // 2, kw // 2] = 1.0
-    return eye
+def plus_identity(weight: torch.Tensor) -> torch.Tensor:
+    """A depthwise kernel plus the identity (its centre tap plus one), a new tensor: the conv
+    ``x + conv(x)`` as one (exact in real arithmetic)."""
+    kh, kw = weight.shape[2:]
+    weight = weight.clone()
+    weight[:, :, kh // 2, kw // 2] += 1.0
+    return weight
 
 
 def dwconv_nhwc(
@@ -445,7 +446,7 @@ def dwconv_nhwc(
         add_conv(out.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight, bias, layer, dtype)
         return F.silu(out, inplace=True) if act == 'silu' else out
     if residual:
-        weight = weight + _identity_taps(layer)
+        weight = plus_identity(weight)
     return conv(x.permute(0, 3, 1, 2), weight, bias, layer, dtype, act).permute(0, 2, 3, 1)
 
 

@@ -254,6 +254,37 @@ class _FeatureAttention(torch.autograd.Function):
         return grad_qk, grad_v, None, None, None, None
 
 
+def core_backward(qh, q_rope, k_rope, vh, gh, k_mean, out=None) -> tuple:
+    """The products' part of :func:`linear_attention`'s chain rule, for one image, per head:
+    from the output's gradient ``gh`` and the features ``qh``, their rotations ``q_rope``,
+    ``k_rope``, the values ``vh`` (all (heads, N, d)) and ``k_mean`` (heads, 1, d).
+
+    Overwrites ``q_rope`` and ``k_rope`` with their gradients and writes the forward output
+    into ``out`` ((heads, N, d)) if given.
+
+    Returns:
+        tuple: the gradient of each token's normaliser sum ``s = q . k_mean + 1e-6``
+        (heads, N, 1), the gradient every key feature gets through ``mean(k)`` (heads, 1, d),
+        and the values' gradient (heads, N, d).
+    """
+    n = qh.shape[1]
+    z = 1.0 / (qh @ k_mean.transpose(-2, -1) + 1e-6)  # (heads, N, 1)
+    kv = (k_rope.transpose(-2, -1) @ vh) * (1.0 / n)  # (heads, d, d)
+    # out = (q_rope @ kv) * z with z = 1 / s
+    g = gh * z
+    attended = q_rope @ kv  # (heads, N, d)
+    if out is not None:
+        torch.mul(attended, z, out=out)
+    grad_s = (gh * attended).sum(-1, keepdim=True).mul_(z).mul_(z).neg_()
+    grad_kv = (q_rope.transpose(-2, -1) @ g) * (1.0 / n)  # with kv's 1 / N
+    grad_v = k_rope @ grad_kv
+    grad_k_mean = (grad_s.transpose(-2, -1) @ qh) * (1.0 / n)
+    # the rotations are used up: they take their gradients
+    torch.matmul(g, kv.transpose(-2, -1), out=q_rope)
+    torch.matmul(vh, grad_kv.transpose(-2, -1), out=k_rope)
+    return grad_s, grad_k_mean, grad_v
+
+
 def feature_attention_backward(
     qk_in: torch.Tensor,
     v_in: torch.Tensor,
@@ -280,33 +311,22 @@ def feature_attention_backward(
         # full-precision temporaries below exist for one image at a time
         qk, v, gi = qk_in[i].to(dtype), v_in[i].to(dtype), grad[i].to(dtype)
         # ELU + 1 as exp(min(x, 0)) + max(x, 0): ATen's ELU takes expm1 element by element
-        features = torch.exp(qk.clamp_max(0.0)).add_(qk.clamp_min(0.0)).view(n, 2, c)
+        features = fast_path.elu_plus_one_(qk, torch.empty_like(qk)).view(n, 2, c)
         rotated = apply_rope(features, cos, sin)  # q and k rotated at once
-        grad_rotated = torch.empty_like(rotated)
         qh, kh = (split(t) for t in features.unbind(1))
         q_rope, k_rope = (split(t) for t in rotated.unbind(1))
-        vh, gh = split(v), split(gi)
         k_mean = kh.mean(dim=1, keepdim=True)  # (heads, 1, d)
-        z = 1.0 / (qh @ k_mean.transpose(-2, -1) + 1e-6)  # (heads, N, 1)
-        kv = (k_rope.transpose(-2, -1) @ vh) * (1.0 / n)  # (heads, d, d)
-        # out = (q_rope @ kv) * z with z = 1 / s, s = q . k_mean + 1e-6
-        g = gh * z
-        attended = q_rope @ kv  # (heads, N, d)
-        if out is not None:
-            torch.mul(attended, z, out=split(out[i]))
-        grad_s = (gh * attended).sum(-1, keepdim=True).mul_(z).mul_(z).neg_()
-        grad_kv = (q_rope.transpose(-2, -1) @ g) * (1.0 / n)  # with kv's 1 / N
-        grad_q_rope, grad_k_rope = (split(t) for t in grad_rotated.unbind(1))
-        torch.matmul(g, kv.transpose(-2, -1), out=grad_q_rope)
-        torch.matmul(vh, grad_kv.transpose(-2, -1), out=grad_k_rope)
-        grad_v[i] = (k_rope @ grad_kv).transpose(0, 1).flatten(1)
+        grad_s, grad_k_mean, grad_vh = core_backward(
+            qh, q_rope, k_rope, split(v), split(gi), k_mean, None if out is None else split(out[i])
+        )
+        grad_v[i] = grad_vh.transpose(0, 1).flatten(1)
         # RoPE is a rotation: its transpose rotates back (apply_rope with -sin); then the
         # normaliser's terms, on token-major views (N, heads, d): q's from s = q . k_mean,
         # k's from mean(k) (the same for every token)
-        grad_features = apply_rope(grad_rotated, cos, -sin)
+        grad_features = apply_rope(rotated, cos, -sin)
         grad_q, grad_k = (t.unflatten(-1, (heads, -1)) for t in grad_features.unbind(1))
         grad_q.addcmul_(grad_s.transpose(0, 1).contiguous(), k_mean.transpose(0, 1))
-        grad_k += ((grad_s.transpose(-2, -1) @ qh) * (1.0 / n)).transpose(0, 1)
+        grad_k += grad_k_mean.transpose(0, 1)
         # ELU's derivative: 1 above 0, else exp(x), which is the feature there: min(feature, 1)
         torch.mul(grad_features.view(n, 2 * c), features.view(n, 2 * c).clamp_max_(1.0),
                   out=grad_qk[i])  # fmt: skip
@@ -479,6 +499,7 @@ class LinearAttention(nn.Module):
     core = staticmethod(linear_attention)
     attend = staticmethod(feature_attention)
     attend_backward = staticmethod(feature_attention_backward)
+    core_backward = staticmethod(core_backward)
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
         super().__init__()

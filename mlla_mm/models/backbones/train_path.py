@@ -542,8 +542,9 @@ class _Spec(NamedTuple):
     eps2: float
     heads: int
     compute: torch.dtype  # of the linears and convs (autocast's dtype, else the input's)
-    attend: object  # LinearAttention.attend, .attend_backward and .rope_tables
+    attend: object  # LinearAttention.attend, .attend_backward, .core_backward, .rope_tables
     attend_backward: object
+    core_backward: object
     rope_tables: object
 
 
@@ -591,14 +592,6 @@ def _folds_residual(x: torch.Tensor, compute: torch.dtype, weight, spec: tuple) 
     )
 
 
-def _plus_identity(weight: torch.Tensor) -> torch.Tensor:
-    """A depthwise kernel plus the identity (its centre tap plus one), a new tensor."""
-    kh, kw = weight.shape[2:]
-    weight = weight.clone()
-    weight[:, :, kh // 2, kw // 2] += 1.0
-    return weight
-
-
 def _fused_gate(y: torch.Tensor, a: torch.Tensor) -> bool:
     """Whether the gate ``y * SiLU(a)`` and its backward run as C kernels (float32 with them
     built; in bf16 ATen's ops keep autocast's roundings)."""
@@ -612,14 +605,13 @@ def _attention(qk, s, lepe, spec: _Spec, dtype: torch.dtype) -> torch.Tensor:
     where its C kernels run on these float32 tensors, leaving ``qk`` as it is."""
     b, h, w, c = s.shape
     n = h * w
-    if dtype == torch.float32 and fast_path.CAPS.cpu_kernels:
+    if dtype == torch.float32 and fast_path._c_kernels(qk, s, lepe):
         v, out = s.reshape(b, n, c).to(dtype), lepe.to(dtype).reshape(b, n, c)
-        if fast_path._c_kernels(qk, v, out):
-            features = torch.empty(b, n, 2, c, dtype=dtype, device=qk.device)
-            core = fast_path.attention_core_(
-                qk.view(b, n, 2, c), v, out, h, w, spec.heads, spec.rope_tables, None, features
-            )
-            return core.view(b, h, w, c)
+        features = torch.empty(b, n, 2, c, dtype=dtype, device=qk.device)
+        core = fast_path.attention_core_(
+            qk.view(b, n, 2, c), v, out, h, w, spec.heads, spec.rope_tables, None, features
+        )
+        return core.view(b, h, w, c)
     y = spec.attend(qk.view(b, n, 2 * c), s.reshape(b, n, c), h, w, spec.heads, dtype)
     return y.view(b, h, w, c).add_(lepe)
 
@@ -644,22 +636,14 @@ def _attention_backward(qk, v, grad, h: int, w: int, spec: _Spec, dtype, out) ->
         rotated = torch.empty_like(features)
         k_mean = cpu_kernels.features(qk[i].view(n, 2, c), features, rotated, table)
         qh, q_rope, k_rope = split(features[:, 0]), split(rotated[:, 0]), split(rotated[:, 1])
-        vh, gh = split(v[i].to(dtype)), split(grad[i])
-        z = 1.0 / (qh @ k_mean.view(heads, -1, 1) + 1e-6)  # (heads, N, 1)
-        kv = (k_rope.transpose(-2, -1) @ vh) * (1.0 / n)  # (heads, d, d)
-        g = gh * z
-        attended = q_rope @ kv
-        torch.mul(attended, z, out=split(out[i]))
-        grad_s = (gh * attended).sum(-1, keepdim=True).mul_(z).mul_(z).neg_()
-        grad_kv = (q_rope.transpose(-2, -1) @ g) * (1.0 / n)
-        grad_v[i] = (k_rope @ grad_kv).transpose(0, 1).flatten(1)
-        k_const = ((grad_s.transpose(-2, -1) @ qh) * (1.0 / n)).flatten()  # through mean(k)
-        # the rotations are used up: their buffer takes their gradients
-        torch.matmul(g, kv.transpose(-2, -1), out=q_rope)
-        torch.matmul(vh, grad_kv.transpose(-2, -1), out=k_rope)
+        grad_s, grad_k_mean, grad_vh = spec.core_backward(
+            qh, q_rope, k_rope, split(v[i].to(dtype)), split(grad[i]), k_mean.view(heads, 1, -1),
+            split(out[i]),
+        )  # fmt: skip
+        grad_v[i] = grad_vh.transpose(0, 1).flatten(1)
         gs = grad_s.view(heads, n).t().contiguous()  # token-major (N, heads)
         cpu_kernels.features_grad(
-            rotated, features, table, gs, k_mean, k_const, grad_qk[i].view(n, 2, c)
+            rotated, features, table, gs, k_mean, grad_k_mean.flatten(), grad_qk[i].view(n, 2, c)
         )
     return grad_qk, grad_v
 
@@ -687,12 +671,17 @@ class BlockFunction(torch.autograd.Function):
         def linear(t, weight, bias):
             return F.linear(t.to(cdt), weight.to(cdt), _cast(bias, cdt))
 
+        fold = _folds_residual(x, cdt, w_c1, spec.cpe1)
+
+        def residual(t, weight, bias, conv_spec):  # t + CPE(t), one conv where it folds
+            if fold:
+                return _conv_tokens(t, fast_path.plus_identity(weight), bias, conv_spec)
+            return t + conv(t, weight, bias, conv_spec)
+
         with torch.autocast(x.device.type, enabled=False):
             # the residual stream (x1, x2, x3, out) in x's and cdt's promoted dtype, as autocast
             # gives it; the LayerNorms run in it (CPU autocast leaves layer_norm's dtype alone)
-            fold = _folds_residual(x, cdt, w_c1, spec.cpe1)
-            x1 = _conv_tokens(x, _plus_identity(w_c1), b_c1, spec.cpe1) if fold else None
-            x1 = x + conv(x, w_c1, b_c1, spec.cpe1) if x1 is None else x1
+            x1 = residual(x, w_c1, b_c1, spec.cpe1)
             xn = F.layer_norm(x1, (c,), w_n1, b_n1, spec.eps1)
             a = linear(xn, w_a, b_a)
             p = linear(xn, w_i, b_i)
@@ -708,8 +697,7 @@ class BlockFunction(torch.autograd.Function):
             r = linear(y, w_o, b_o)
             del y
             x2 = x1.add_(r if mask1 is None else r.mul_(mask1))
-            x3 = _conv_tokens(x2, _plus_identity(w_c2), b_c2, spec.cpe2) if fold else None
-            x3 = x2 + conv(x2, w_c2, b_c2, spec.cpe2) if x3 is None else x3
+            x3 = residual(x2, w_c2, b_c2, spec.cpe2)
             f = _mlp(
                 F.layer_norm(x3, (c,), w_n2, b_n2, spec.eps2).to(cdt),
                 w_f1.to(cdt),
@@ -754,7 +742,7 @@ def _block_backward(ctx, grad):
     x2_low, w_c2_low, b_c2_low = low(x2, w_c2, b_c2)
     fold = _folds_residual(x, cdt, w_c1, spec.cpe1)  # x + CPE(x) as one conv, as in forward
     if fold:  # the centre tap plus one: the conv's data gradient is then the residual's too
-        w_c2_low = _plus_identity(w_c2_low)
+        w_c2_low = fast_path.plus_identity(w_c2_low)
         x3 = _conv_tokens(x2_low, w_c2_low, b_c2_low, spec.cpe2)
     else:
         x3 = x2 + _conv_tokens(x2_low, w_c2_low, b_c2_low, spec.cpe2)
@@ -821,7 +809,7 @@ def _block_backward(ctx, grad):
     # ---- x1 = x + CPE1(x), then LN1 into act_proj and in_proj
     x_low, w_c1_low, b_c1_low, w_i_low, w_a_low = low(x, w_c1, b_c1, w_i, w_a)
     if fold:
-        w_c1_low = _plus_identity(w_c1_low)
+        w_c1_low = fast_path.plus_identity(w_c1_low)
         x1 = _conv_tokens(x_low, w_c1_low, b_c1_low, spec.cpe1)
     else:
         x1 = x + _conv_tokens(x_low, w_c1_low, b_c1_low, spec.cpe1)
@@ -938,6 +926,7 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         compute,
         attn.attend,
         attn.attend_backward,
+        attn.core_backward,
         attn.rope_tables,
     )
     masks = []
