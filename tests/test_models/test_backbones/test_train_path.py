@@ -244,29 +244,43 @@ def test_patch_merging_unit_keeps_its_input_and_projection(monkeypatch, chunk, b
     assert module == lean + (hidden - 48 - 48 + running) * 8
 
 
-@pytest.mark.parametrize('bn_eval', [False, True], ids=['bn_train', 'bn_eval'])
-def test_stem_unit_keeps_conv_outputs_and_statistics(bn_eval):
-    """In training the stem keeps its input, its five convs' outputs and the BatchNorm
-    statistics, not the ReLU outputs and the residual sum; same outputs, gradients and running
-    statistics as the module forward."""
+def _stem_and_image(bn_eval: bool, dtype: torch.dtype) -> tuple:
+    """A training ``Stem(3, 16)`` in ``dtype`` with random BatchNorm statistics (its
+    BatchNorms in eval mode if ``bn_eval``), and a channels-last 2 x 3 x 20 x 28 image that
+    requires grad."""
     torch.manual_seed(0)
-    stem = mlla_module.Stem(3, 16).double().train()
+    stem = mlla_module.Stem(3, 16).to(dtype).train()
     randomise_bn(stem)
     if bn_eval:
         for m in stem.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.eval()
-    x = torch.randn(2, 3, 20, 28, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    x.requires_grad_()
+    x = torch.randn(2, 3, 20, 28, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    return stem, x.requires_grad_()
+
+
+def _stem_sizes(stem) -> tuple:
+    """Element counts for that stem and image: the pixels of the batch at strides 2 and 4, the
+    five convs' outputs, the parameters and the BatchNorm statistics (mean and inverse std)."""
+    half, quarter = 10 * 14 * 2, 5 * 7 * 2
+    convs = half * (8 + 8 + 8) + quarter * (64 + 16)
+    params = sum(p.numel() for p in stem.parameters())
+    stats = 2 * (8 + 8 + 8 + 64 + 16)
+    return half, quarter, convs, params, stats
+
+
+@pytest.mark.parametrize('bn_eval', [False, True], ids=['bn_train', 'bn_eval'])
+def test_stem_unit_keeps_conv_outputs_and_statistics(bn_eval):
+    """In training the stem keeps its input, its five convs' outputs and the BatchNorm
+    statistics, not the ReLU outputs and the residual sum; same outputs, gradients and running
+    statistics as the module forward."""
+    stem, x = _stem_and_image(bn_eval, torch.float64)
     unit, plain = _module_and_unit(stem, x, stem.conv3[1].conv)
     _assert_same(unit, plain)
     tracked = [v.item() for k, v in unit[3].items() if k.endswith('num_batches_tracked')]
     assert tracked == [0 if bn_eval else 1] * 5
     lean, module = unit[2], plain[2]
-    half, quarter = 10 * 14 * 2, 5 * 7 * 2  # pixels of a batch at strides 2 and 4
-    convs = half * (8 + 8 + 8) + quarter * (64 + 16)
-    params = sum(p.numel() for p in stem.parameters())
-    stats = 2 * (8 + 8 + 8 + 64 + 16)
+    half, quarter, convs, params, stats = _stem_sizes(stem)
     assert lean == (x.numel() + convs + params + stats) * 8
     kept_bn = 8 + 8 + 8 + 64 + 16  # BatchNorm biases, recomputing the normalised tensors
     running = 0 if bn_eval else 2 * kept_bn  # BatchNorm's kernel in training keeps them too
@@ -459,25 +473,14 @@ def test_stem_unit_under_autocast(bn_eval):
     outputs with float32 statistics, the ReLUs and the residual sum in bf16, as the module
     forward: the same output and running statistics, gradients within bf16 rounding; it keeps
     the bf16 image the first conv sees and the bf16 conv outputs."""
-    torch.manual_seed(0)
-    stem = mlla_module.Stem(3, 16).train()
-    randomise_bn(stem)
-    if bn_eval:
-        for m in stem.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.eval()
-    x = torch.randn(2, 3, 20, 28).contiguous(memory_format=torch.channels_last)
-    x.requires_grad_()
+    stem, x = _stem_and_image(bn_eval, torch.float32)
     unit, plain = _module_and_unit(stem, x, stem.conv3[1].conv, autocast=True)
     names = ['input'] + [n for n, _ in stem.named_parameters()]
     _assert_same_under_autocast(unit, plain, names)
     tracked = [v.item() for k, v in unit[3].items() if k.endswith('num_batches_tracked')]
     assert tracked == [0 if bn_eval else 1] * 5
     lean, module = unit[2], plain[2]
-    half, quarter = 10 * 14 * 2, 5 * 7 * 2  # pixels of a batch at strides 2 and 4
-    convs = half * (8 + 8 + 8) + quarter * (64 + 16)
-    params = sum(p.numel() for p in stem.parameters())
-    stats = 2 * (8 + 8 + 8 + 64 + 16)
+    half, quarter, convs, params, stats = _stem_sizes(stem)
     assert lean == (x.numel() + convs) * 2 + (params + stats) * 4
     # the module keeps the ReLU outputs and the residual sum too, and bf16 weight copies
     assert module >= lean - params * 4 + (half * 8 * 3 + quarter * 64) * 2
