@@ -8,6 +8,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* Threads: OpenMP where compiled with -fopenmp. The library then runs on the OpenMP runtime
@@ -283,5 +284,153 @@ void mlla_silu_gate_backward(float *g, float *y, const float *a, long n, int thr
     float x = a[i], s = 1.0f / (1.0f + expf(-x)), yi = y[i];
     y[i] = yi * (x * s);
     g[i] *= yi * (s * (1.0f + x * (1.0f - s)));
+  }
+}
+
+/* Row `row` (image n's row y, row = n * h + y) of channels-last tokens (B, H, W, C) as float32
+ * (len = W * C): a pointer into src when it is float32, else converted into one of three
+ * per-thread slots (row % 3, so that rows y - 1, y and y + 1 stay converted together), which
+ * are converted again only when they held another row. */
+static const float *token_row(const void *src, int bf16, long row, long len, float *slots,
+                              long *tags) {
+  if (!bf16) return (const float *)src + row * len;
+  long s = row % 3;
+  float *buf = slots + s * len;
+  if (tags[s] != row) {
+    load_row(src, bf16, row * len, len, buf);
+    tags[s] = row;
+  }
+  return buf;
+}
+
+/* Channel blocks of DW3_LANES (one AVX-512 register of float32) keep a block's taps and sums
+ * in registers over a whole row; the last block of a C that is not a multiple takes the rest.
+ * The zero padding is multiplied as ATen multiplies it (0 * NaN is NaN): a row or column
+ * outside the image is read from a buffer of zeros (a literal zero the compiler would fold). */
+#define DW3_LANES 16
+
+/* The input gradient of a row, channels [i0, i0 + lanes): out[x] = sum over taps of
+ * g[2 - ky][x + 1 - kx] * taps[ky, kx], g[k] the gradient's row y + k - 1. */
+static inline void dw3_input_grad(const float *const g[3], const float *taps, const float *zeros,
+                                  float *out, long w, long c, long i0, long lanes) {
+  for (long xx = 0; xx < w; xx++) {
+    float a[DW3_LANES] = {0};
+    for (long ky = 0; ky < 3; ky++) {
+      for (long kx = 0; kx < 3; kx++) {
+        long xs = xx + 1 - kx;
+        const float *p = (xs >= 0 && xs < w ? g[2 - ky] + xs * c : zeros) + i0;
+        const float *t = taps + (ky * 3 + kx) * c + i0;
+        for (long j = 0; j < lanes; j++) a[j] += p[j] * t[j];
+      }
+    }
+    for (long j = 0; j < lanes; j++) out[xx * c + i0 + j] = a[j];
+  }
+}
+
+/* A row's sums of the taps' and the bias's gradients, channels [i0, i0 + lanes), into part
+ * (10, C): gy the gradient's row y, xr[k] the input's row y + k - 1. */
+static inline void dw3_taps_grad(const float *gy, const float *const xr[3], const float *zeros,
+                                 float *part, long w, long c, long i0, long lanes) {
+  float s[10][DW3_LANES] = {{0}};
+  for (long xx = 0; xx < w; xx++) {
+    const float *gp = gy + xx * c + i0;
+    for (long ky = 0; ky < 3; ky++) {
+      for (long kx = 0; kx < 3; kx++) {
+        long xs = xx + kx - 1;
+        const float *p = (xs >= 0 && xs < w ? xr[ky] + xs * c : zeros) + i0;
+        for (long j = 0; j < lanes; j++) s[ky * 3 + kx][j] += gp[j] * p[j];
+      }
+    }
+    for (long j = 0; j < lanes; j++) s[9][j] += gp[j];
+  }
+  for (long k = 0; k < 10; k++)
+    for (long j = 0; j < lanes; j++) part[k * c + i0 + j] = s[k][j];
+}
+
+/* The same for a full block of DW3_LANES channels in GCC/Clang vector types (whatever the
+ * target's registers: one AVX-512 register, two AVX ones, four SSE ones), so that the taps
+ * and sums stay in registers; products are added in the same order as above. */
+typedef float dw3_vec __attribute__((vector_size(4 * DW3_LANES), aligned(4)));
+
+static inline dw3_vec dw3_load(const float *p) { return *(const dw3_vec *)p; }
+
+static void dw3_input_grad_block(const float *const g[3], const float *taps, const float *zeros,
+                                 float *out, long w, long c, long i0) {
+  dw3_vec t[9];
+  for (long k = 0; k < 9; k++) t[k] = dw3_load(taps + k * c + i0);
+  for (long xx = 0; xx < w; xx++) {
+    dw3_vec a = {0};
+    for (long ky = 0; ky < 3; ky++) {
+      const float *src = g[2 - ky];
+      a += dw3_load((xx + 1 < w ? src + (xx + 1) * c : zeros) + i0) * t[ky * 3];
+      a += dw3_load(src + xx * c + i0) * t[ky * 3 + 1];
+      a += dw3_load((xx > 0 ? src + (xx - 1) * c : zeros) + i0) * t[ky * 3 + 2];
+    }
+    *(dw3_vec *)(out + xx * c + i0) = a;
+  }
+}
+
+static void dw3_taps_grad_block(const float *gy, const float *const xr[3], const float *zeros,
+                                float *part, long w, long c, long i0) {
+  dw3_vec s[10];
+  for (long k = 0; k < 10; k++) s[k] = (dw3_vec){0};
+  for (long xx = 0; xx < w; xx++) {
+    dw3_vec gp = dw3_load(gy + xx * c + i0);
+    for (long ky = 0; ky < 3; ky++) {
+      const float *src = xr[ky];
+      s[ky * 3] += gp * dw3_load((xx > 0 ? src + (xx - 1) * c : zeros) + i0);
+      s[ky * 3 + 1] += gp * dw3_load(src + xx * c + i0);
+      s[ky * 3 + 2] += gp * dw3_load((xx + 1 < w ? src + (xx + 1) * c : zeros) + i0);
+    }
+    s[9] += gp;
+  }
+  for (long k = 0; k < 10; k++) *(dw3_vec *)(part + k * c + i0) = s[k];
+}
+
+/* The backward of a depthwise 3x3 conv with stride 1 and zero padding 1 on channels-last
+ * tokens x (B, H, W, C), float32 or bf16 (bf16 = both grad and x, and gx), with taps (9, C)
+ * float32 (tap ky * 3 + kx of channel c at [ky * 3 + kx, c]):
+ *   gx[n, y, x] = sum over taps of grad[n, y + 1 - ky, x + 1 - kx] * taps[ky, kx]
+ *                 (NULL: not needed; float32 sums rounded once);
+ *   sums[thread] (10, C) float64, rows 0-8 += the taps' gradients
+ *                 sum grad[n, y, x] * x[n, y + ky - 1, x + kx - 1], row 9 += sum grad
+ *                 (NULL: not needed; the caller adds the threads' rows).
+ * Each row's sums are float32 over its W tokens, then added in float64. */
+void mlla_dw3_backward(const void *grad, const void *x, int bf16, const float *taps, void *gx,
+                       double *sums, long b, long h, long w, long c, int threads) {
+  long len = w * c, full = c - c % DW3_LANES;
+#pragma omp parallel num_threads(threads)
+  {
+    float *work = malloc(sizeof(float) * (8 * len + 10 * c));
+    float *gslots = work, *xslots = work + 3 * len, *out = work + 6 * len, *zeros = out + len;
+    float *part = zeros + len;
+    memset(zeros, 0, sizeof(float) * len);
+    long gtags[3] = {-1, -1, -1}, xtags[3] = {-1, -1, -1};
+    double *sum = sums ? sums + 10 * c * omp_thread() : 0;
+#pragma omp for schedule(static)
+    for (long row = 0; row < b * h; row++) {
+      long y = row % h;
+      const float *g[3], *xr[3] = {0}; /* rows y - 1, y, y + 1 (zeros outside the image) */
+      for (long k = 0; k < 3; k++) {
+        int inside = y + k - 1 >= 0 && y + k - 1 < h;
+        g[k] = inside ? token_row(grad, bf16, row + k - 1, len, gslots, gtags) : zeros;
+        if (sums) xr[k] = inside ? token_row(x, bf16, row + k - 1, len, xslots, xtags) : zeros;
+      }
+      if (gx) { /* float32: straight into gx; bf16: a float32 row, rounded once */
+        float *dst = bf16 ? out : (float *)gx + row * len;
+        for (long i0 = 0; i0 < full; i0 += DW3_LANES)
+          dw3_input_grad_block(g, taps, zeros, dst, w, c, i0);
+        if (full < c) dw3_input_grad(g, taps, zeros, dst, w, c, full, c - full);
+        if (bf16) store_row(gx, 1, row * len, len, out);
+      }
+      if (sums) {
+        for (long i0 = 0; i0 < full; i0 += DW3_LANES)
+          dw3_taps_grad_block(g[1], xr, zeros, part, w, c, i0);
+        if (full < c) dw3_taps_grad(g[1], xr, zeros, part, w, c, full, c - full);
+#pragma omp simd
+        for (long i = 0; i < 10 * c; i++) sum[i] += part[i];
+      }
+    }
+    free(work);
   }
 }

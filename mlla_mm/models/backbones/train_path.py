@@ -557,10 +557,26 @@ def _conv_tokens_backward(grad, x, weight, bias, spec: tuple, params, need_x: bo
     """:func:`_conv_backward` of :func:`_conv_tokens`: the input's gradient as tokens, the
     weight's and bias's where ``params``, the layer's own, require grad."""
     need_w, need_b = (t is not None and t.requires_grad for t in params)
+    if _dw3_kernel(grad, x, weight, spec):
+        return cpu_kernels.dw3_backward(grad, x, weight, bias, need_x, need_w, need_b)
     gx, gw, gb = _conv_backward(
         grad.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight, bias, spec, need_x, need_w, need_b
     )
     return (None if gx is None else gx.permute(0, 2, 3, 1)), gw, gb
+
+
+def _dw3_kernel(grad: torch.Tensor, x: torch.Tensor, weight, spec: tuple) -> bool:
+    """Whether a conv's backward on tokens runs as :func:`.cpu_kernels.dw3_backward`: a
+    depthwise 3x3 conv with stride 1 and padding 1 (the block's four), ``grad`` and ``x``
+    contiguous float32 or bfloat16 tokens of one dtype, with the C kernels built."""
+    stride, padding, dilation, groups = spec
+    return (
+        grad.dtype == x.dtype
+        and tuple(weight.shape[1:]) == (1, 3, 3)
+        and groups == weight.shape[0] == x.shape[-1]
+        and stride == padding == dilation == [1, 1]
+        and fast_path._c_kernels(grad, x)
+    )
 
 
 def _linear_grads(grad2d, x2d, weight, bias):

@@ -383,7 +383,8 @@ def test_attention_backward_kernels_match_aten(monkeypatch, dtype, c, heads):
 @needs_cc
 @pytest.mark.skipif(platform.machine() != 'x86_64', reason='x86-64 baseline build')
 def test_attention_backward_kernels_built_without_avx_match_aten(monkeypatch, tmp_path):
-    """The backward kernels built for the x86-64 baseline (SSE2): the same gradients."""
+    """The backward kernels built for the x86-64 baseline (SSE2): the same gradients (the
+    attention's, and the depthwise conv's, whose 16-lane vector blocks become SSE registers)."""
     baseline = cpu_kernels.build(cache_dir=tmp_path, march='x86-64')
     monkeypatch.setattr(cpu_kernels, '_LIB', cpu_kernels.load(baseline))
     monkeypatch.setattr(cpu_kernels, '_TRIED', True)
@@ -392,6 +393,11 @@ def test_attention_backward_kernels_built_without_avx_match_aten(monkeypatch, tm
     ref = _attention_backward(qk, v, grad, 7, 9, 5, aten=True)
     for a, b in zip(fused, ref, strict=True):
         assert rel_err(a, b) <= 2e-6
+    x, grad, weight = torch.randn(2, 7, 9, 40), torch.randn(2, 7, 9, 40), torch.randn(40, 1, 3, 3)
+    bias = torch.randn(40)
+    ours = cpu_kernels.dw3_backward(grad, x, weight, bias, True, True, True)
+    for a, b in zip(ours, _dw3_aten(grad, x, weight, bias, [True] * 3), strict=True):
+        assert rel_err(a, b) <= 1e-6
 
 
 @needs_cc
@@ -411,3 +417,70 @@ def test_gate_kernels_match_aten():
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6, equal_nan=True)
     assert cpu_kernels.silu_gate(y, a, y) is y  # in place
     torch.testing.assert_close(y, m, rtol=0, atol=0, equal_nan=True)
+
+
+def _dw3_aten(grad, x, weight, bias, mask):
+    """ATen's backward of the same depthwise conv on the tokens' NCHW views."""
+    c = x.shape[-1]
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight, [c] if bias is not None else None,
+        [1, 1], [1, 1], [1, 1], False, [0, 0], c, mask,
+    )  # fmt: skip
+    return None if gx is None else gx.permute(0, 2, 3, 1), gw, gb
+
+
+@needs_cc
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('shape', [(2, 7, 9, 40), (1, 1, 1, 16), (1, 5, 2, 7), (2, 3, 4, 48)])
+def test_depthwise_backward_kernel_matches_aten(dtype, shape):
+    """The depthwise 3x3 conv backward on tokens in one pass over the rows
+    (:func:`cpu_kernels.dw3_backward`): ATen's input, weight and bias gradients in their
+    dtypes, for float32 and bf16, channel counts that fill the 16-lane blocks or leave a rest
+    (or are all rest), one-pixel and narrow maps (every border tap), and each subset asked."""
+    g = torch.Generator().manual_seed(0)
+    x, grad = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
+    c = shape[-1]
+    weight, bias = torch.randn(c, 1, 3, 3, generator=g).to(dtype), torch.randn(c).to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 2**-7  # bf16: one rounding of float32 sums
+    for mask in ([True, True, True], [True, False, False], [False, True, False]):
+        ours = cpu_kernels.dw3_backward(grad, x, weight, bias, *mask)
+        ref = _dw3_aten(grad, x, weight, bias, mask)
+        for a, b, asked in zip(ours, ref, mask, strict=True):
+            assert (a is None) == (not asked)
+            if asked:
+                assert a.dtype == b.dtype and a.shape == b.shape
+                assert rel_err(a.float(), b.float()) <= tol
+    x[0, 0, 0, 3] = grad[0, 0, 0, 5] = float('nan')
+    gx, gw, gb = cpu_kernels.dw3_backward(grad, x, weight, bias, True, True, True)
+    # NaN where the sums meet it: float64 ATen (its bf16 oneDNN kernel also spreads NaN into
+    # taps that only read the zero padding)
+    exact = _dw3_aten(grad.double(), x.double(), weight.double(), bias.double(), [True] * 3)
+    for a, b in zip((gx, gw, gb), exact, strict=True):
+        assert a.isnan().any() and torch.equal(a.isnan(), b.isnan())
+
+
+@needs_cc
+def test_depthwise_backward_kernel_is_a_custom_op():
+    """``mlla::dw3_backward`` passes opcheck (schema, FakeTensor), and FLOP counters count the
+    forward conv's multiply-adds for each gradient asked (torch's own formula for
+    ``convolution_backward`` ignores the groups of the weight's gradient, counting it C times)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, grad, taps = torch.randn(2, 5, 6, 24), torch.randn(2, 5, 6, 24), torch.randn(9, 24)
+    sums = torch.zeros(1, 10, 24, dtype=torch.float64)
+    for args in ((grad, x, taps, torch.empty_like(x), sums), (grad, x, taps, None, sums)):
+        torch.library.opcheck(
+            torch.ops.mlla.dw3_backward.default, args, test_utils=('test_schema', 'test_faketensor')
+        )
+    weight = torch.randn(24, 1, 3, 3)
+    counts = []
+    for run in (
+        lambda: F.conv2d(x.permute(0, 3, 1, 2), weight, None, 1, 1, 1, 24),
+        lambda: cpu_kernels.dw3_backward(grad, x, weight, None, True, False, False),
+        lambda: cpu_kernels.dw3_backward(grad, x, weight, None, True, True, True),
+    ):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            run()
+        counts.append(counter.get_total_flops())
+    assert counts == [counts[0], counts[0], 2 * counts[0]] and counts[0] == 2 * 9 * x.numel()
