@@ -698,7 +698,7 @@ class BlockFunction(torch.autograd.Function):
             # the residual stream (x1, x2, x3, out) in x's and cdt's promoted dtype, as autocast
             # gives it; the LayerNorms run in it (CPU autocast leaves layer_norm's dtype alone)
             x1 = residual(x, w_c1, b_c1, spec.cpe1)
-            xn = F.layer_norm(x1, (c,), w_n1, b_n1, spec.eps1)
+            xn = F.layer_norm(x1, (c,), w_n1, b_n1, spec.eps1).to(cdt)  # cast once, for both
             a = linear(xn, w_a, b_a)
             p = linear(xn, w_i, b_i)
             del xn
