@@ -487,11 +487,14 @@ def _stem_backward(ctx, grad):
         )
         return gt
 
+    def relu_backward_(g, a):  # ReLU's backward into g (no new map: these are the largest)
+        return torch.ops.aten.threshold_backward.grad_input(g, a, 0, grad_input=g)
+
     before = [any(need[: 4 * i]) or ctx.needs_input_grad[0] for i in range(5)]
     a3 = normalised(3, True)
     g = backward(4, grad.permute(0, 3, 1, 2), a3, before[4])
     if before[4]:
-        g = torch.ops.aten.threshold_backward(g, a3, 0)
+        g = relu_backward_(g, a3)
         del a3
         a1 = normalised(0, True)
         g = backward(3, g, normalised(2, False).add_(a1), before[3])  # the residual sum
@@ -499,10 +502,10 @@ def _stem_backward(ctx, grad):
         a2 = normalised(1, True)
         g2 = backward(2, g, a2, before[2])
         if before[2]:
-            g2 = backward(1, torch.ops.aten.threshold_backward(g2, a2, 0), a1, before[1])
+            g2 = backward(1, relu_backward_(g2, a2), a1, before[1])
         del a2
     if before[1]:
-        g = torch.ops.aten.threshold_backward(g + g2, a1, 0)  # both branches of the residual
+        g = relu_backward_(g2.add_(g), a1)  # both branches of the residual
         g = backward(0, g, x, before[0])
     grads = [None if g is None else g.to(p.dtype) for g, p in zip(grads, params)]
     g = g.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
@@ -647,9 +650,9 @@ def _attention_backward(qk, v, grad, h: int, w: int, spec: _Spec, dtype, out) ->
     def split(t):  # (N, C) -> (heads, N, d), a view
         return t.unflatten(-1, (heads, -1)).transpose(0, 1)
 
+    features = torch.empty(n, 2, c, dtype=dtype, device=qk.device)  # reused for each image
+    rotated = torch.empty_like(features)
     for i in range(b):  # as feature_attention_backward, per image
-        features = torch.empty(n, 2, c, dtype=dtype, device=qk.device)
-        rotated = torch.empty_like(features)
         k_mean = cpu_kernels.features(qk[i].view(n, 2, c), features, rotated, table)
         qh, q_rope, k_rope = split(features[:, 0]), split(rotated[:, 0]), split(rotated[:, 1])
         grad_s, grad_k_mean, grad_vh = spec.core_backward(
