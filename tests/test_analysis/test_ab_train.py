@@ -42,3 +42,51 @@ def test_ab_train_profiles_one_model_alone():
     ]
     out = subprocess.run(TOOL + ['--only', 'swin_t'], capture_output=True, text=True, timeout=600)
     assert out.returncode != 0 and '--only goes with --profile' in out.stderr
+
+
+def test_ab_train_counts_each_steps_flops():
+    """``--flops``: the module path's training-step FLOPs of both models and, for MLLA-T, what
+    its training units run (they recompute part of the forward in backward: more)."""
+    out = subprocess.run(TOOL + SMALL + ['--flops'], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    mlla, swin = (line for line in out.stdout.splitlines() if line.startswith(('MLLA', 'Swin')))
+    seen, run = map(float, re.fullmatch(
+        r'MLLA-T 96x64 b1 training step: ([\d.]+) GFLOP of the module path, ([\d.]+) GFLOP as '
+        r'its training units run it', mlla,
+    ).groups())  # fmt: skip
+    assert run > seen > 0
+    assert re.fullmatch(r'Swin-T 96x64 b1 training step: [\d.]+ GFLOP', swin)
+
+
+def test_step_flops_count_a_depthwise_weight_gradient_per_group():
+    """torch's formula counts a grouped conv's weight gradient as a dense conv's; the tool's
+    counts each gradient as the forward conv's multiply-adds, and the units' in-place
+    ``addmm_`` accumulations too."""
+    import importlib.util
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = importlib.util.spec_from_file_location('ab_train', TOOL[1])
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+
+        def forward(self, x):
+            return (self.conv(x),)
+
+    net, x = Net(), torch.randn(2, 16, 5, 7)
+    forward = 2 * x.numel() * 9  # 9 taps per output element
+    assert tool.step_flops(net, x, False, units=False) == 2 * forward  # forward, weight's
+    x.requires_grad_()
+    assert tool.step_flops(net, x, False, units=False) == 3 * forward  # and the input's
+    a, b, total = torch.randn(4, 5), torch.randn(5, 6), torch.zeros(4, 6)
+    mapping = {torch.ops.aten.addmm_: tool._addmm_flops}
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    with counter:
+        total.addmm_(a, b)
+    assert counter.get_total_flops() == 2 * 4 * 5 * 6

@@ -3,6 +3,7 @@ forward + backward of the outputs' squared means), and optionally where each ste
 
     python tools/analysis/ab_train.py --size 1280x800 --batch-size 2 --steps 3 [--dtype bf16]
     python tools/analysis/ab_train.py --size 1280x800 --batch-size 2 --profile --only mlla_t
+    python tools/analysis/ab_train.py --size 1280x800 --batch-size 2 --flops
 
 The models step in turn (MLLA-T, Swin-T, MLLA-T, ...), so both see the same machine state and
 the same heap; each line gives a step's time and its minor page faults (``getrusage``), the
@@ -10,17 +11,27 @@ last the medians and the ratio Swin-T / MLLA-T. ``--profile`` instead profiles o
 (after a warm-up) and prints the op self time by kind: GEMMs, depthwise and other convs, this
 package's C kernels (``mlla::*``) and everything else (element-wise ops, casts, norms, copies);
 ``--only`` builds and profiles one model, so that its process holds no other model's heap.
+``--flops`` counts each model's training-step FLOPs (``FlopCounterMode``: matmuls and convs),
+with a grouped conv's weight gradient counted per group (torch's formula counts it as a dense
+conv's, C times too many for a depthwise one) and the in-place ``addmm_`` / ``baddbmm_`` it has
+no formula for: the module path's, which FLOP counters see
+(MLLA's training units step aside under them), and, for MLLA-T, what its units run (they also
+recompute parts of the forward in backward) - the work both steps do, against which their
+times compare.
 """
 
 import argparse
+import math
 import resource
 import statistics
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 from mlla_mm.analysis.benchmark.peers import build_peer
+from mlla_mm.models.backbones import train_path
 
 GEMMS = {'aten::mm', 'aten::addmm', 'aten::addmm_', 'aten::bmm', 'aten::baddbmm', 'aten::baddbmm_'}
 CONVS = {'aten::mkldnn_convolution', 'aten::convolution_backward', 'aten::slow_conv_transpose2d'}
@@ -56,6 +67,45 @@ def op_time_by_kind(model, x: torch.Tensor, bf16: bool) -> dict:
     return kinds
 
 
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, *args, out_shape=None, **kwargs):
+    """Two FLOPs per multiply-add of each gradient computed, the forward conv's count each
+    (its weight's ``w_shape[1:]`` taps per output element), grouped or not."""
+    transposed, output_mask = args[4], args[7]
+    forward = 2 * math.prod(x_shape if transposed else grad_out_shape) * math.prod(w_shape[1:])
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def _addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs):
+    """``addmm_`` and ``baddbmm_`` (in-place accumulations the units use, which torch's
+    counter has no formula for): two FLOPs per multiply-add of the product."""
+    return 2 * math.prod(a_shape) * b_shape[-1]
+
+
+def step_flops(model, x: torch.Tensor, bf16: bool, units: bool) -> int:
+    """FLOPs of one training step; with ``units``, MLLA's training units run under the counter
+    (they step aside under any dispatch mode, so counters see the module path otherwise)."""
+    aten = torch.ops.aten
+    mapping = {
+        aten.convolution_backward: _conv_backward_flops,
+        aten.addmm_: _addmm_flops,
+        aten.baddbmm_: _addmm_flops,
+    }
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    original = train_path.why_not_train_path
+
+    def counted(module, t, autocast=False):
+        why = original(module, t, autocast)
+        return None if units and why and 'DispatchMode' in why else why
+
+    train_path.why_not_train_path = counted
+    try:
+        with counter:
+            step(model, x, bf16)
+    finally:
+        train_path.why_not_train_path = original
+    return counter.get_total_flops()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--size', default='1280x800', help='WIDTHxHEIGHT')
@@ -65,6 +115,7 @@ def main() -> None:
     parser.add_argument('--dtype', choices=('fp32', 'bf16'), default='fp32')
     parser.add_argument('--profile', action='store_true', help='op time by kind instead')
     parser.add_argument('--only', choices=('mlla_t', 'swin_t'), help='with --profile: one model')
+    parser.add_argument('--flops', action='store_true', help="each step's FLOPs instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     w, h = map(int, args.size.split('x'))
@@ -77,6 +128,15 @@ def main() -> None:
     models = {names[peer]: build_peer(peer) for peer in peers}
     for model in models.values():
         model.train()  # mmdet's Swin returns None from train()
+    if args.flops:
+        for name, model in models.items():
+            seen = step_flops(model, x, bf16, units=False) / 1e9
+            line = f'{name} {args.size} b{args.batch_size} training step: {seen:.1f} GFLOP'
+            if name == 'MLLA-T':
+                run = step_flops(model, x, bf16, units=True) / 1e9
+                line += f' of the module path, {run:.1f} GFLOP as its training units run it'
+            print(line)
+        return
     if args.profile:
         for name, model in models.items():
             kinds = op_time_by_kind(model, x, bf16)
