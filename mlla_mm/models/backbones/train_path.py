@@ -626,11 +626,14 @@ def _attention(qk, s, lepe, spec: _Spec, dtype: torch.dtype) -> torch.Tensor:
     n = h * w
     if dtype == torch.float32 and fast_path._c_kernels(qk, s, lepe):
         v, out = s.reshape(b, n, c).to(dtype), lepe.to(dtype).reshape(b, n, c)
-        features = torch.empty(b, n, 2, c, dtype=dtype, device=qk.device)
-        core = fast_path.attention_core_(
-            qk.view(b, n, 2, c), v, out, h, w, spec.heads, spec.rope_tables, None, features
-        )
-        return core.view(b, h, w, c)
+        qk = qk.view(b, n, 2, c)
+        features = torch.empty(1, n, 2, c, dtype=dtype, device=qk.device)  # one image's
+        for i in range(b):
+            fast_path.attention_core_(
+                qk[i : i + 1], v[i : i + 1], out[i : i + 1], h, w, spec.heads, spec.rope_tables,
+                None, features,
+            )  # fmt: skip
+        return out.view(b, h, w, c)
     y = spec.attend(qk.view(b, n, 2 * c), s.reshape(b, n, c), h, w, spec.heads, dtype)
     return y.view(b, h, w, c).add_(lepe)
 
@@ -713,18 +716,22 @@ class BlockFunction(torch.autograd.Function):
             else:
                 y *= F.silu(a)
             del s
-            r = linear(y, w_o, b_o)
+            if mask1 is None and x1.dtype == cdt:  # x1 += y W^T + b in place (no new map)
+                x1.view(-1, c).addmm_(y.view(-1, c), w_o.to(cdt).t())
+                x2 = x1 if b_o is None else x1.add_(b_o.to(cdt))
+            else:
+                r = linear(y, w_o, b_o)
+                x2 = x1.add_(r if mask1 is None else r.mul_(mask1))
             del y
-            x2 = x1.add_(r if mask1 is None else r.mul_(mask1))
             x3 = residual(x2, w_c2, b_c2, spec.cpe2)
-            f = _mlp(
-                F.layer_norm(x3, (c,), w_n2, b_n2, spec.eps2).to(cdt),
-                w_f1.to(cdt),
-                _cast(b_f1, cdt),
-                w_f2.to(cdt),
-                _cast(b_f2, cdt),
-            )
-            out = x3.add_(f if mask2 is None else f.mul_(mask2))
+            mlp = (w_f1.to(cdt), _cast(b_f1, cdt), w_f2.to(cdt), _cast(b_f2, cdt))
+            xn2 = F.layer_norm(x3, (c,), w_n2, b_n2, spec.eps2).to(cdt)
+            if mask2 is None and x3.dtype == cdt:  # x3 += MLP(xn2) in place, chunk by chunk
+                out = _mlp(xn2, *mlp, into=x3)
+            else:
+                f = _mlp(xn2, *mlp)
+                out = x3.add_(f if mask2 is None else f.mul_(mask2))
+            del xn2
         ctx.spec = spec
         ctx.save_for_backward(x, p, a, qk, x2, mask1, mask2, *params)
         return out
@@ -817,10 +824,13 @@ def _block_backward(ctx, grad):
     del g_y
     g_qk2 = g_qk.reshape(-1, 2 * c)
     g_s += g_v.view(b, h, w, c)
-    g_s += (g_qk2 @ w_qk_low).view(b, h, w, c)
+    if g_s.dtype == g_qk2.dtype:  # in place (no new map)
+        g_s.view(-1, c).addmm_(g_qk2, w_qk_low)
+    else:
+        g_s += (g_qk2 @ w_qk_low).view(b, h, w, c)
     gw_qk, gb_qk = _linear_grads(g_qk2, s.reshape(-1, c), w_qk, b_qk)
     del s, g_qk, g_qk2, g_v
-    g_d = torch.ops.aten.silu_backward(g_s, d)
+    g_d = torch.ops.aten.silu_backward.grad_input(g_s, d, grad_input=g_s)
     del g_s, d
     g_p, gw_d, gb_d = _conv_tokens_backward(g_d, p, w_d_low, b_d_low, spec.dwc, (w_d, b_d))
     del g_d
@@ -835,7 +845,10 @@ def _block_backward(ctx, grad):
     xn, mean1, rstd1 = torch.native_layer_norm(x1, [c], w_n1, b_n1, spec.eps1)
     g_p2, g_a2, xn2d = g_p.reshape(-1, c), g_a.reshape(-1, c), xn.reshape(-1, c).to(cdt)
     g_xn = (g_p2 @ w_i_low).to(rdt)
-    g_xn += g_a2 @ w_a_low
+    if g_xn.dtype == g_a2.dtype:  # in place (no new map)
+        g_xn.addmm_(g_a2, w_a_low)
+    else:
+        g_xn += g_a2 @ w_a_low
     gw_i, gb_i = _linear_grads(g_p2, xn2d, w_i, b_i)
     gw_a, gb_a = _linear_grads(g_a2, xn2d, w_a, b_a)
     del g_p, g_a, g_p2, g_a2, xn, xn2d
@@ -878,19 +891,29 @@ def _block_backward(ctx, grad):
     return g_x, None, None, None, *grads
 
 
-def _mlp(x, w1, b1, w2, b2, keep: list | None = None):
+def _mlp(x, w1, b1, w2, b2, keep: list | None = None, into: torch.Tensor | None = None):
     """``fc2(GELU(fc1(x)))`` over chunks of tokens (no 4x-wide tensor exists whole); the
-    chunks' pre-activations are appended to ``keep`` if given."""
+    chunks' pre-activations are appended to ``keep`` if given. With ``into`` (a contiguous
+    tensor of the output's shape and dtype) the output is added into it instead, and it is
+    returned."""
     tokens = x.reshape(-1, x.shape[-1])
     step = fast_path.rows_per_chunk(w1.shape[0])
-    out = tokens.new_empty(tokens.shape[0], w2.shape[0])
+    out = (
+        tokens.new_empty(tokens.shape[0], w2.shape[0])
+        if into is None
+        else into.view(-1, w2.shape[0])
+    )
     for start in range(0, tokens.shape[0], step):
         rows = slice(start, start + step)
         pre = F.linear(tokens[rows], w1, b1)
         if keep is not None:
             keep.append(pre)
         hidden = F.gelu(pre)
-        if b2 is None:
+        if into is not None:
+            out[rows].addmm_(hidden, w2.t())
+            if b2 is not None:
+                out[rows] += b2
+        elif b2 is None:
             torch.mm(hidden, w2.t(), out=out[rows])
         else:
             torch.addmm(b2, hidden, w2.t(), out=out[rows])
