@@ -225,13 +225,17 @@ def _bn(c: torch.Tensor, weight, bias, setup: tuple) -> tuple:
     return out, ((save_mean, save_invstd) if training else (mean.clone(), var.clone()))
 
 
-def _normalise(c: torch.Tensor, weight, bias, stats: tuple, training: bool, eps: float):
-    """The BatchNorm output of ``c`` again, from the statistics :func:`_bn` returned."""
+def _normalise(c: torch.Tensor, weight, bias, stats: tuple, training: bool, eps: float, out=None):
+    """The BatchNorm output of ``c`` again, from the statistics :func:`_bn` returned (into
+    ``out``, a map of ``c``'s shape, memory format and result dtype, if given)."""
     mean, s = stats
     invstd = s if training else (s + eps).rsqrt()
     scale = invstd if weight is None else invstd * weight
     shift = -mean * scale if bias is None else bias - mean * scale
-    return torch.addcmul(shift.view(1, -1, 1, 1), c, scale.view(1, -1, 1, 1))
+    shift, scale = shift.view(1, -1, 1, 1), scale.view(1, -1, 1, 1)
+    if out is not None and out.dtype == torch.result_type(c, scale):
+        return torch.addcmul(shift, c, scale, out=out)
+    return torch.addcmul(shift, c, scale)
 
 
 def _bn_backward(grad, c, weight, stats: tuple, training: bool, eps: float, mask: list):
@@ -247,6 +251,40 @@ def _bn_backward(grad, c, weight, stats: tuple, training: bool, eps: float, mask
     return torch.ops.aten.native_batch_norm_backward(
         grad, c, weight, a, b, None, None, False, eps, mask
     )
+
+
+def _bn_backward_(grad, c, weight, stats: tuple, training: bool, eps: float, mask: list):
+    """:func:`_bn_backward` writing the input's gradient into ``grad`` (float32/float64
+    channels-last maps; otherwise :func:`_bn_backward`): no new map for the stem's, the step's
+    largest. Chunk by chunk of tokens (cache-sized temporaries), the sums of ``grad`` and
+    ``grad * (c - mean)`` per channel, then ``grad * k + c * a + b`` in place."""
+    cl = torch.channels_last
+    if not (
+        mask[0]
+        and grad.dtype == c.dtype in (torch.float32, torch.float64)
+        and grad.is_contiguous(memory_format=cl)
+        and c.is_contiguous(memory_format=cl)
+    ):
+        return _bn_backward(grad, c, weight, stats, training, eps, mask)
+    channels = c.shape[1]
+    g2, c2 = grad.permute(0, 2, 3, 1).view(-1, channels), c.permute(0, 2, 3, 1).view(-1, channels)
+    mean, s = (t.to(c.dtype) for t in stats)
+    invstd = s if training else (s + eps).rsqrt()
+    step = fast_path.rows_per_chunk(channels)
+    sum_g, dot = torch.zeros(2, channels, dtype=c.dtype, device=c.device)
+    for start in range(0, g2.shape[0], step):
+        g_rows, c_rows = g2[start : start + step], c2[start : start + step]
+        sum_g += g_rows.sum(0)
+        dot += ((c_rows - mean) * g_rows).sum(0)
+    k = invstd if weight is None else invstd * weight.to(c.dtype)
+    # training: grad - sum_g / M - (c - mean) invstd^2 dot / M, times k; eval: grad times k
+    a = -k * invstd * invstd * dot / g2.shape[0] if training else torch.zeros_like(k)
+    b = (-k * sum_g / g2.shape[0] - a * mean) if training else -a * mean
+    for start in range(0, g2.shape[0], step):
+        g2[start : start + step].mul_(k).addcmul_(c2[start : start + step], a).add_(b)
+    grad_weight = (dot * invstd).to(weight.dtype) if mask[1] and weight is not None else None
+    grad_bias = sum_g.to(weight.dtype if weight is not None else c.dtype) if mask[2] else None
+    return grad, grad_weight, grad_bias
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,18 +505,19 @@ def _stem_backward(ctx, grad):
     need = ctx.needs_input_grad[3:]
     grads = [None] * 20
 
-    def normalised(i, act):
+    def normalised(i, act, out=None):
         training, eps = specs[i][1][2], specs[i][1][4]
-        t = _normalise(outs[i], gs[i], bs[i], stats[2 * i : 2 * i + 2], training, eps)
+        t = _normalise(outs[i], gs[i], bs[i], stats[2 * i : 2 * i + 2], training, eps, out)
         return (F.relu_(t) if act else t).to(compute)  # BatchNorm's output dtype
 
-    def backward(i, g, t, below):
+    def backward(i, g, t, below, own=False):
         """Layer ``i``'s BatchNorm and conv backward from the gradient ``g`` of its
         normalised output, given the conv's input ``t``; the gradient of ``t`` if
-        ``below``."""
+        ``below``. ``own``: ``g`` is not needed after, its map may take the BatchNorm's
+        input gradient."""
         training, eps = specs[i][1][2], specs[i][1][4]
         n_w, n_cb, n_g, n_b = need[4 * i : 4 * i + 4]
-        gc, grads[4 * i + 2], grads[4 * i + 3] = _bn_backward(
+        gc, grads[4 * i + 2], grads[4 * i + 3] = (_bn_backward_ if own else _bn_backward)(
             g, outs[i], gs[i], stats[2 * i : 2 * i + 2], training, eps,
             [below or n_w or n_cb, n_g, n_b],
         )  # fmt: skip
@@ -497,16 +536,18 @@ def _stem_backward(ctx, grad):
         g = relu_backward_(g, a3)
         del a3
         a1 = normalised(0, True)
-        g = backward(3, g, normalised(2, False).add_(a1), before[3])  # the residual sum
+        s = normalised(2, False).add_(a1)  # the residual sum
+        g = backward(3, g, s, before[3], own=True)
     if before[3]:
-        a2 = normalised(1, True)
-        g2 = backward(2, g, a2, before[2])
+        a2 = normalised(1, True, out=s if s.dtype == compute else None)  # s's map: s is done
+        del s
+        g2 = backward(2, g, a2, before[2])  # (g is needed again below)
         if before[2]:
-            g2 = backward(1, relu_backward_(g2, a2), a1, before[1])
+            g2 = backward(1, relu_backward_(g2, a2), a1, before[1], own=True)
         del a2
     if before[1]:
         g = relu_backward_(g2.add_(g), a1)  # both branches of the residual
-        g = backward(0, g, x, before[0])
+        g = backward(0, g, x, before[0], own=True)
     grads = [None if g is None else g.to(p.dtype) for g, p in zip(grads, params)]
     g = g.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
     return g, None, None, *grads
