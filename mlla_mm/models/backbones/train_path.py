@@ -634,6 +634,11 @@ def _cast(t, dtype):
     return None if t is None else t.to(dtype)
 
 
+# Where a GEMM may add its product into a tensor in place (one rounding instead of the module
+# path's two): float32 and float64; in bf16/fp16 the units keep the module path's roundings.
+WIDE = (torch.float32, torch.float64)
+
+
 def _folds_residual(x: torch.Tensor, compute: torch.dtype, weight, spec: tuple) -> bool:
     """Whether ``x + CPE(x)`` runs as one conv whose centre tap is increased by one (exact in
     real arithmetic; it saves a pass over the tokens in forward and in backward): float32 or
@@ -757,7 +762,7 @@ class BlockFunction(torch.autograd.Function):
             else:
                 y *= F.silu(a)
             del s
-            if mask1 is None and x1.dtype == cdt:  # x1 += y W^T + b in place (no new map)
+            if mask1 is None and x1.dtype == cdt in WIDE:  # x1 += y W^T + b in place
                 x1.view(-1, c).addmm_(y.view(-1, c), w_o.to(cdt).t())
                 x2 = x1 if b_o is None else x1.add_(b_o.to(cdt))
             else:
@@ -767,7 +772,7 @@ class BlockFunction(torch.autograd.Function):
             x3 = residual(x2, w_c2, b_c2, spec.cpe2)
             mlp = (w_f1.to(cdt), _cast(b_f1, cdt), w_f2.to(cdt), _cast(b_f2, cdt))
             xn2 = F.layer_norm(x3, (c,), w_n2, b_n2, spec.eps2).to(cdt)
-            if mask2 is None and x3.dtype == cdt:  # x3 += MLP(xn2) in place, chunk by chunk
+            if mask2 is None and x3.dtype == cdt in WIDE:  # x3 += MLP(xn2) in place
                 out = _mlp(xn2, *mlp, into=x3)
             else:
                 f = _mlp(xn2, *mlp)
@@ -865,7 +870,7 @@ def _block_backward(ctx, grad):
     del g_y
     g_qk2 = g_qk.reshape(-1, 2 * c)
     g_s += g_v.view(b, h, w, c)
-    if g_s.dtype == g_qk2.dtype:  # in place (no new map)
+    if g_s.dtype == g_qk2.dtype in WIDE:  # in place (no new map)
         g_s.view(-1, c).addmm_(g_qk2, w_qk_low)
     else:
         g_s += (g_qk2 @ w_qk_low).view(b, h, w, c)
@@ -886,7 +891,7 @@ def _block_backward(ctx, grad):
     xn, mean1, rstd1 = torch.native_layer_norm(x1, [c], w_n1, b_n1, spec.eps1)
     g_p2, g_a2, xn2d = g_p.reshape(-1, c), g_a.reshape(-1, c), xn.reshape(-1, c).to(cdt)
     g_xn = (g_p2 @ w_i_low).to(rdt)
-    if g_xn.dtype == g_a2.dtype:  # in place (no new map)
+    if g_xn.dtype == g_a2.dtype in WIDE:  # in place (no new map)
         g_xn.addmm_(g_a2, w_a_low)
     else:
         g_xn += g_a2 @ w_a_low
