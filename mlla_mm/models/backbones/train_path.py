@@ -278,10 +278,13 @@ def _bn_backward_(grad, c, weight, stats: tuple, training: bool, eps: float, mas
         dot += ((c_rows - mean) * g_rows).sum(0)
     k = invstd if weight is None else invstd * weight.to(c.dtype)
     # training: grad - sum_g / M - (c - mean) invstd^2 dot / M, times k; eval: grad times k
-    a = -k * invstd * invstd * dot / g2.shape[0] if training else torch.zeros_like(k)
-    b = (-k * sum_g / g2.shape[0] - a * mean) if training else -a * mean
-    for start in range(0, g2.shape[0], step):
-        g2[start : start + step].mul_(k).addcmul_(c2[start : start + step], a).add_(b)
+    if training:
+        a = -k * invstd * invstd * dot / g2.shape[0]
+        b = -k * sum_g / g2.shape[0] - a * mean
+        for start in range(0, g2.shape[0], step):
+            g2[start : start + step].mul_(k).addcmul_(c2[start : start + step], a).add_(b)
+    else:
+        g2.mul_(k)
     grad_weight = (dot * invstd).to(weight.dtype) if mask[1] and weight is not None else None
     grad_bias = sum_g.to(weight.dtype if weight is not None else c.dtype) if mask[2] else None
     return grad, grad_weight, grad_bias
