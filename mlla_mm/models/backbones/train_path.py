@@ -71,6 +71,13 @@ __all__ = [
     'why_not_train_path',
 ]
 
+# Where a GEMM may add its product into a tensor in place (one rounding instead of the module
+# path's two): float32 and float64; in bf16/fp16 the units keep the module path's roundings.
+WIDE = (torch.float32, torch.float64)
+LOW = (torch.bfloat16, torch.float16)
+# Elements per float32 chunk where a bf16/fp16 map is worked on in float32 (1 MB: in cache)
+LOW_CHUNK = 2**18
+
 
 def why_not_train_path(module: nn.Module, x: torch.Tensor, autocast: bool = False) -> str | None:
     """Why ``module`` cannot take its training unit on ``x`` now, or None if it can.
@@ -229,6 +236,17 @@ def _normalise(c: torch.Tensor, weight, bias, stats: tuple, training: bool, eps:
     """The BatchNorm output of ``c`` again, from the statistics :func:`_bn` returned (into
     ``out``, a map of ``c``'s shape, memory format and result dtype, if given)."""
     mean, s = stats
+    if c.dtype in LOW:
+        # BatchNorm's own kernel in eval form: read bf16, one float32 fma, bf16 out, in one
+        # pass (the chain below makes a float32 map, 2x the size, and a cast: 8x slower)
+        var = s if not training else s.reciprocal().square_().sub_(eps)  # 1/invstd^2 - eps
+        empty = c.new_empty(0, dtype=mean.dtype)
+        if out is None or out.dtype != c.dtype:
+            out = torch.empty_like(c)
+        return torch.ops.aten.native_batch_norm.out(
+            c, weight, bias, mean, var, False, 0.0, eps, out=out, save_mean=empty,
+            save_invstd=empty.clone(),
+        )[0]  # fmt: skip
     invstd = s if training else (s + eps).rsqrt()
     scale = invstd if weight is None else invstd * weight
     shift = -mean * scale if bias is None else bias - mean * scale
@@ -254,37 +272,47 @@ def _bn_backward(grad, c, weight, stats: tuple, training: bool, eps: float, mask
 
 
 def _bn_backward_(grad, c, weight, stats: tuple, training: bool, eps: float, mask: list):
-    """:func:`_bn_backward` writing the input's gradient into ``grad`` (float32/float64
-    channels-last maps; otherwise :func:`_bn_backward`): no new map for the stem's, the step's
-    largest. Chunk by chunk of tokens (cache-sized temporaries), the sums of ``grad`` and
-    ``grad * (c - mean)`` per channel, then ``grad * k + c * a + b`` in place."""
+    """:func:`_bn_backward` writing the input's gradient into ``grad`` (channels-last maps of
+    one dtype; otherwise :func:`_bn_backward`): no new map for the stem's, the step's largest.
+    Chunk by chunk of tokens, the sums of ``grad`` and ``grad * (c - mean)`` per channel, then
+    ``grad * k + c * a + b`` in place; for bf16/fp16 maps in float32 chunks, rounded once, as
+    BatchNorm's own backward computes them."""
     cl = torch.channels_last
     if not (
         mask[0]
-        and grad.dtype == c.dtype in (torch.float32, torch.float64)
+        and grad.dtype == c.dtype
+        and c.dtype in WIDE + LOW
         and grad.is_contiguous(memory_format=cl)
         and c.is_contiguous(memory_format=cl)
     ):
         return _bn_backward(grad, c, weight, stats, training, eps, mask)
+    acc = torch.float32 if c.dtype in LOW else c.dtype
     channels = c.shape[1]
     g2, c2 = grad.permute(0, 2, 3, 1).view(-1, channels), c.permute(0, 2, 3, 1).view(-1, channels)
-    mean, s = (t.to(c.dtype) for t in stats)
+    mean, s = (t.to(acc) for t in stats)
     invstd = s if training else (s + eps).rsqrt()
-    step = fast_path.rows_per_chunk(channels)
-    sum_g, dot = torch.zeros(2, channels, dtype=c.dtype, device=c.device)
-    for start in range(0, g2.shape[0], step):
-        g_rows, c_rows = g2[start : start + step], c2[start : start + step]
+    step = fast_path.rows_per_chunk(channels) if acc == c.dtype else max(1, LOW_CHUNK // channels)
+    chunks = [slice(start, start + step) for start in range(0, g2.shape[0], step)]
+    sum_g, dot = torch.zeros(2, channels, dtype=acc, device=c.device)
+    for rows in chunks:
+        g_rows, c_rows = g2[rows].to(acc), c2[rows].to(acc)
         sum_g += g_rows.sum(0)
         dot += ((c_rows - mean) * g_rows).sum(0)
-    k = invstd if weight is None else invstd * weight.to(c.dtype)
+    k = invstd if weight is None else invstd * weight.to(acc)
     # training: grad - sum_g / M - (c - mean) invstd^2 dot / M, times k; eval: grad times k
     if training:
         a = -k * invstd * invstd * dot / g2.shape[0]
         b = -k * sum_g / g2.shape[0] - a * mean
-        for start in range(0, g2.shape[0], step):
-            g2[start : start + step].mul_(k).addcmul_(c2[start : start + step], a).add_(b)
-    else:
+        for rows in chunks:
+            if acc == c.dtype:
+                g2[rows].mul_(k).addcmul_(c2[rows], a).add_(b)
+            else:
+                g2[rows] = torch.addcmul(b, c2[rows].to(acc), a).addcmul_(g2[rows].to(acc), k)
+    elif acc == c.dtype:
         g2.mul_(k)
+    else:
+        for rows in chunks:
+            g2[rows] = g2[rows].to(acc).mul_(k)
     grad_weight = (dot * invstd).to(weight.dtype) if mask[1] and weight is not None else None
     grad_bias = sum_g.to(weight.dtype if weight is not None else c.dtype) if mask[2] else None
     return grad, grad_weight, grad_bias
@@ -451,6 +479,40 @@ def patch_merging_forward(merging: nn.Module, x: torch.Tensor, recomputing: bool
 # --------------------------------------------------------------------------------------------
 # Stem
 # --------------------------------------------------------------------------------------------
+def _pointwise_into(grad, x, weight, spec: tuple) -> bool:
+    """Whether a conv's input gradient can run as :func:`_pointwise_relu_backward_`: a 1x1
+    conv (stride 1, no padding, one group) on channels-last maps of one dtype."""
+    stride, padding, dilation, groups = spec
+    cl = torch.channels_last
+    return (
+        tuple(weight.shape[2:]) == (1, 1)
+        and list(stride) == [1, 1]
+        and list(padding) == [0, 0]
+        and groups == 1
+        and grad.dtype == x.dtype == weight.dtype
+        and grad.is_contiguous(memory_format=cl)
+        and x.is_contiguous(memory_format=cl)
+    )
+
+
+def _pointwise_relu_backward_(grad, x, weight):
+    """The input gradient of a 1x1 conv whose input ``x`` is a ReLU's output, through that
+    ReLU, written into ``x``'s map (which the caller gives up): per chunk of pixels, the
+    product ``grad W`` (one GEMM, rounded once as the conv's) and the ReLU's mask. No new map
+    of ``x``'s size, which in the stem is the step's largest (256 channels at stride 4)."""
+    c_out, c_in = weight.shape[:2]
+    g2 = grad.permute(0, 2, 3, 1).reshape(-1, c_out)
+    x2 = x.permute(0, 2, 3, 1).view(-1, c_in)
+    w2 = weight.view(c_out, c_in)
+    step = fast_path.rows_per_chunk(c_in)
+    for start in range(0, x2.shape[0], step):
+        rows = slice(start, start + step)
+        torch.ops.aten.threshold_backward.grad_input(
+            g2[rows] @ w2, x2[rows], 0, grad_input=x2[rows]
+        )
+    return x
+
+
 class StemFunction(torch.autograd.Function):
     """:class:`Stem` in training: five ``ConvLayer`` s (conv, BatchNorm, ReLU but for the second
     of the residual pair and the projection), keeping the convs' outputs and the BatchNorm
@@ -513,30 +575,32 @@ def _stem_backward(ctx, grad):
         t = _normalise(outs[i], gs[i], bs[i], stats[2 * i : 2 * i + 2], training, eps, out)
         return (F.relu_(t) if act else t).to(compute)  # BatchNorm's output dtype
 
-    def backward(i, g, t, below, own=False):
+    def backward(i, g, t, below, own=False, relu=False):
         """Layer ``i``'s BatchNorm and conv backward from the gradient ``g`` of its
         normalised output, given the conv's input ``t``; the gradient of ``t`` if
-        ``below``. ``own``: ``g`` is not needed after, its map may take the BatchNorm's
-        input gradient."""
+        ``below`` (with ``relu``, of the ReLU whose output ``t`` is, in ``t``'s map where
+        the conv is pointwise). ``own``: ``g`` is not needed after, its map may take the
+        BatchNorm's input gradient."""
         training, eps = specs[i][1][2], specs[i][1][4]
         n_w, n_cb, n_g, n_b = need[4 * i : 4 * i + 4]
         gc, grads[4 * i + 2], grads[4 * i + 3] = (_bn_backward_ if own else _bn_backward)(
             g, outs[i], gs[i], stats[2 * i : 2 * i + 2], training, eps,
             [below or n_w or n_cb, n_g, n_b],
         )  # fmt: skip
-        gt, grads[4 * i], grads[4 * i + 1] = _conv_backward(
-            gc, t, ws[i].to(compute), _cast(cbs[i], compute), specs[i][0], below, n_w, n_cb
-        )
-        return gt
+        w, b, spec = ws[i].to(compute), _cast(cbs[i], compute), specs[i][0]
+        if below and relu and _pointwise_into(gc, t, w, spec):
+            _, grads[4 * i], grads[4 * i + 1] = _conv_backward(gc, t, w, b, spec, False, n_w, n_cb)
+            return _pointwise_relu_backward_(gc, t, w)
+        gt, grads[4 * i], grads[4 * i + 1] = _conv_backward(gc, t, w, b, spec, below, n_w, n_cb)
+        return relu_backward_(gt, t) if below and relu else gt
 
     def relu_backward_(g, a):  # ReLU's backward into g (no new map: these are the largest)
         return torch.ops.aten.threshold_backward.grad_input(g, a, 0, grad_input=g)
 
     before = [any(need[: 4 * i]) or ctx.needs_input_grad[0] for i in range(5)]
     a3 = normalised(3, True)
-    g = backward(4, grad.permute(0, 3, 1, 2), a3, before[4])
+    g = backward(4, grad.permute(0, 3, 1, 2), a3, before[4], relu=True)
     if before[4]:
-        g = relu_backward_(g, a3)
         del a3
         a1 = normalised(0, True)
         s = normalised(2, False).add_(a1)  # the residual sum
@@ -637,11 +701,6 @@ def _cast(t, dtype):
     return None if t is None else t.to(dtype)
 
 
-# Where a GEMM may add its product into a tensor in place (one rounding instead of the module
-# path's two): float32 and float64; in bf16/fp16 the units keep the module path's roundings.
-WIDE = (torch.float32, torch.float64)
-
-
 def _folds_residual(x: torch.Tensor, compute: torch.dtype, weight, spec: tuple) -> bool:
     """Whether ``x + CPE(x)`` runs as one conv whose centre tap is increased by one (exact in
     real arithmetic; it saves a pass over the tokens in forward and in backward): float32 or
@@ -687,36 +746,50 @@ def _attention(qk, s, lepe, spec: _Spec, dtype: torch.dtype) -> torch.Tensor:
     return y.view(b, h, w, c).add_(lepe)
 
 
-def _attention_backward(qk, v, grad, h: int, w: int, spec: _Spec, dtype, out) -> tuple:
-    """``spec.attend_backward`` (the gradients of ``qk`` and ``v``, and the recomputed forward
-    into ``out``); in float32 with the C kernels built, the element-wise work as two kernels
-    per image (:func:`.cpu_kernels.features` and :func:`.cpu_kernels.features_grad`) around
-    the same products, where ATen makes about ten passes."""
+def _attention_backward(qk, v, grad, h: int, w: int, spec: _Spec, dtype, lepe) -> tuple:
+    """``spec.attend_backward`` in ``dtype``: the gradients of ``qk`` and ``v`` (the inputs'
+    dtypes) and the recomputed forward plus the LePE, ``attend(qk, v) + lepe`` in ``lepe``'s
+    dtype (rounded once, as the module's cast of its float32 sum). In float32 with the C kernels
+    built: per image, the element-wise work as two kernels (:func:`.cpu_kernels.features` and
+    :func:`.cpu_kernels.features_grad`) around the same products, where ATen makes about ten
+    passes, and ``grad`` and the output in ``dtype`` one image at a time (a bf16 step then makes
+    no (B, N, C) float32 map)."""
     b, n, c = v.shape
     heads = spec.heads
-    if not (dtype == torch.float32 and fast_path._c_kernels(qk, v, grad, out)):
-        return spec.attend_backward(qk, v, grad, h, w, heads, dtype, out=out)
+    if not (dtype == torch.float32 and fast_path._c_kernels(qk, v, grad, lepe)):
+        out = torch.empty(b, n, c, dtype=dtype, device=v.device)
+        grad_qk, grad_v = spec.attend_backward(qk, v, grad.to(dtype), h, w, heads, dtype, out=out)
+        return grad_qk, grad_v, out.add_(lepe).to(lepe.dtype)
     table = fast_path._rope_table(spec.rope_tables, h, w, c, qk.device)
-    grad_qk, grad_v = torch.empty_like(qk), torch.empty_like(v)
+    grad_qk, grad_v, y = torch.empty_like(qk), torch.empty_like(v), torch.empty_like(lepe)
 
     def split(t):  # (N, C) -> (heads, N, d), a view
         return t.unflatten(-1, (heads, -1)).transpose(0, 1)
 
     features = torch.empty(n, 2, c, dtype=dtype, device=qk.device)  # reused for each image
     rotated = torch.empty_like(features)
+    wide = y.dtype == dtype  # the output straight into y, else through one image's buffer
+    out = None if wide else torch.empty(n, c, dtype=dtype, device=v.device)
+    gi = None if grad.dtype == dtype else torch.empty(n, c, dtype=dtype, device=v.device)
     for i in range(b):  # as feature_attention_backward, per image
         k_mean = cpu_kernels.features(qk[i].view(n, 2, c), features, rotated, table)
         qh, q_rope, k_rope = split(features[:, 0]), split(rotated[:, 0]), split(rotated[:, 1])
+        o = y[i] if wide else out
         grad_s, grad_k_mean, grad_vh = spec.core_backward(
-            qh, q_rope, k_rope, split(v[i].to(dtype)), split(grad[i]), k_mean.view(heads, 1, -1),
-            split(out[i]),
+            qh, q_rope, k_rope, split(v[i].to(dtype)),
+            split(grad[i] if gi is None else gi.copy_(grad[i])), k_mean.view(heads, 1, -1),
+            split(o),
         )  # fmt: skip
+        if wide:
+            o += lepe[i]
+        else:
+            y[i] = o.add_(lepe[i])
         grad_v[i] = grad_vh.transpose(0, 1).flatten(1)
         gs = grad_s.view(heads, n).t().contiguous()  # token-major (N, heads)
         cpu_kernels.features_grad(
             rotated, features, table, gs, k_mean, grad_k_mean.flatten(), grad_qk[i].view(n, 2, c)
         )
-    return grad_qk, grad_v
+    return grad_qk, grad_v, y
 
 
 class BlockFunction(torch.autograd.Function):
@@ -853,12 +926,12 @@ def _block_backward(ctx, grad):
         g_y = g_m * gate
     d = _conv_tokens(p, w_d_low, b_d_low, spec.dwc)
     s = F.silu(d)
-    o = torch.empty(b, n, c, dtype=adt, device=x.device)
-    g_qk, g_v = _attention_backward(
-        qk.view(b, n, 2 * c), s.reshape(b, n, c), g_y.view(b, n, c).to(adt), h, w, spec, adt, o
+    lepe = _conv_tokens(s, w_l_low, b_l_low, spec.lepe).reshape(b, n, c)
+    g_qk, g_v, y = _attention_backward(
+        qk.view(b, n, 2 * c), s.reshape(b, n, c), g_y.view(b, n, c), h, w, spec, adt, lepe
     )
-    y = o.view(b, h, w, c).add_(_conv_tokens(s, w_l_low, b_l_low, spec.lepe)).to(cdt)
-    del o
+    del lepe
+    y = y.view(b, h, w, c)
     if fused:
         m, g_a = cpu_kernels.silu_gate_backward_(g_m, y, a)
     else:

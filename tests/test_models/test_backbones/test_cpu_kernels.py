@@ -334,7 +334,8 @@ def test_scratch_buffers_hold_large_results_and_never_escape(monkeypatch, autoca
 
 def _attention_backward(qk, v, grad, h, w, heads, aten):
     """The block unit's attention backward (the gradients of qk and v, and the recomputed
-    output), on the kernels or, with ``aten``, on the reference's ATen ops."""
+    output plus a LePE in ``grad``'s dtype), on the kernels or, with ``aten``, on the
+    reference's ATen ops."""
     from mlla_mm.models.backbones import train_path
 
     layer = mlla.LinearAttention
@@ -342,12 +343,11 @@ def _attention_backward(qk, v, grad, h, w, heads, aten):
         *[None] * 4, 1e-5, 1e-5, heads, qk.dtype, layer.attend, layer.attend_backward,
         layer.core_backward, layer.rope_tables,
     )  # fmt: skip
-    out = torch.empty(v.shape)
+    lepe = torch.cos(torch.arange(v.numel(), dtype=torch.float32)).view(v.shape).to(grad.dtype)
     caps = dataclasses.replace(ops.CAPS, cpu_kernels=not aten)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(ops, 'CAPS', caps)
-        grads = train_path._attention_backward(qk, v, grad, h, w, spec, torch.float32, out)
-    return (*grads, out)
+        return train_path._attention_backward(qk, v, grad, h, w, spec, torch.float32, lepe)
 
 
 @needs_cc
@@ -357,12 +357,13 @@ def test_attention_backward_kernels_match_aten(monkeypatch, dtype, c, heads):
     """The training units' attention backward on the kernels (features and rotations in one
     pass; RoPE's transpose, the normaliser's terms and ELU's derivative in another): the
     gradients of q/k and v and the recomputed output of the reference's ATen backward, for
-    float32 and bf16 inputs (gradients in their dtypes), even and odd head widths, and NaN
+    float32 and bf16 inputs (gradients in their dtypes; a bf16 output gradient cast and the
+    output plus LePE rounded one image at a time), even and odd head widths, and NaN
     propagated."""
     g = torch.Generator().manual_seed(0)
     qk = (torch.randn(2, 63, 2 * c, generator=g) * 2).to(dtype)
     v = torch.randn(2, 63, c, generator=g).to(dtype)
-    grad = torch.randn(2, 63, c, generator=g)
+    grad = torch.randn(2, 63, c, generator=g).to(dtype)
     calls = []
     for name in ('features', 'features_grad'):
         real = getattr(cpu_kernels, name)

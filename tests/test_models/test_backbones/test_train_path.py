@@ -554,3 +554,77 @@ def test_strided_depthwise_input_gradient_in_low_precision(dtype, padding, rows)
     # float32, or a stride-1 conv: ATen's own backward
     assert not train_path._strided_low_precision_depthwise(grad.float(), weight, [2, 2], c)
     assert not train_path._strided_low_precision_depthwise(grad, weight, [1, 1], c)
+
+
+def _bn_case(dtype, training):
+    """A channels-last BatchNorm input, its output gradient, the float32 parameters and what
+    :func:`train_path._bn` returns as statistics (batch ones in training, running ones else)."""
+    g = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
+    c = (torch.randn(2, 24, 9, 13, generator=g) * 3 + 1).to(dtype).contiguous(memory_format=cl)
+    grad = torch.randn(2, 24, 9, 13, generator=g).to(dtype).contiguous(memory_format=cl)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32  # the parameters'
+    weight, bias = (torch.rand(24, generator=g) + 0.5).to(wide), torch.randn(24, generator=g)
+    bias = bias.to(wide)
+    if training:
+        _, mean, invstd = torch.ops.aten.native_batch_norm(
+            c, weight, bias, None, None, True, 0, 1e-5
+        )
+        return c, grad, weight, bias, (mean, invstd)
+    running = torch.randn(24, generator=g), torch.rand(24, generator=g) + 0.1
+    return c, grad, weight, bias, tuple(t.to(wide) for t in running)
+
+
+@pytest.mark.parametrize('training', [True, False], ids=['batch_stats', 'running_stats'])
+@pytest.mark.parametrize('dtype', [torch.float64, torch.bfloat16])
+def test_stem_batchnorm_pieces_in_place_match_batchnorm(monkeypatch, dtype, training):
+    """The stem's BatchNorm pieces against BatchNorm's own kernels, over several chunks: the
+    recomputed output (bf16: BatchNorm's eval kernel, one pass, written into a given map) and
+    the backward that writes the input's gradient into the output gradient's map (bf16: in
+    float32 chunks, rounded once)."""
+    from mlla_mm.models.backbones import fast_path, train_path
+
+    monkeypatch.setattr(train_path, 'LOW_CHUNK', 24 * 50)
+    monkeypatch.setattr(fast_path, 'CHUNK_ELEMENTS', 24 * 50)
+    c, grad, weight, bias, stats = _bn_case(dtype, training)
+    if training:
+        ref_out = torch.ops.aten.native_batch_norm(c, weight, bias, None, None, True, 0, 1e-5)[0]
+    else:
+        ref_out = F.batch_norm(c, *stats, weight, bias, False, 0.0, 1e-5)
+    into = torch.empty_like(c)
+    out = train_path._normalise(c, weight, bias, stats, training, 1e-5, out=into)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    if dtype == torch.bfloat16:
+        assert out.data_ptr() == into.data_ptr()
+        assert (out.float() - ref_out.float()).abs().max() <= 2**-7 * ref_out.float().abs().max()
+    else:
+        torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    mask = [True, True, True]
+    ref = train_path._bn_backward(grad, c, weight, stats, training, 1e-5, mask)
+    ours = train_path._bn_backward_(grad.clone(), c, weight, stats, training, 1e-5, mask)
+    tol = 1e-12 if dtype == torch.float64 else 2**-7
+    for a, b in zip(ours, ref, strict=True):
+        assert a.dtype == b.dtype
+        assert (a.double() - b.double()).abs().max() <= tol * b.double().abs().max()
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.bfloat16])
+def test_stem_pointwise_conv_backward_writes_into_the_relu_output(monkeypatch, dtype):
+    """The input gradient of the stem's 1x1 conv through the ReLU before it, written into the
+    ReLU output's map chunk by chunk: the conv backward's and ReLU backward's result."""
+    from mlla_mm.models.backbones import fast_path, train_path
+
+    monkeypatch.setattr(fast_path, 'CHUNK_ELEMENTS', 24 * 40)
+    cl = torch.channels_last
+    g = torch.Generator().manual_seed(0)
+    x = F.relu(torch.randn(2, 24, 9, 13, generator=g)).to(dtype).contiguous(memory_format=cl)
+    grad = torch.randn(2, 8, 9, 13, generator=g).to(dtype).contiguous(memory_format=cl)
+    weight = torch.randn(8, 24, 1, 1, generator=g).to(dtype)
+    spec = ([1, 1], [0, 0], [1, 1], 1)
+    assert train_path._pointwise_into(grad, x, weight, spec)
+    assert not train_path._pointwise_into(grad, x.contiguous(), weight, spec)
+    ref, _, _ = train_path._conv_backward(grad, x, weight, None, spec, True, False, False)
+    ref = torch.ops.aten.threshold_backward(ref, x, 0)
+    out = train_path._pointwise_relu_backward_(grad, x.clone(), weight)
+    tol = 1e-12 if dtype == torch.float64 else 2**-7
+    assert (out.double() - ref.double()).abs().max() <= tol * ref.double().abs().max()
