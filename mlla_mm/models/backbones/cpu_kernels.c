@@ -434,3 +434,344 @@ void mlla_dw3_backward(const void *grad, const void *x, int bf16, const float *t
     free(work);
   }
 }
+
+/* The products of a block's attention backward for one image (core_backward in mlla.py), per
+ * head h of d = C / heads channels, with q, k the features and q_rot, k_rot their rotations
+ * (feat and rot, (N, 2, C) float32, token-major), v the values, go the output's gradient:
+ *   kv = k_rot^T v / N;  z = 1 / (q . kmean + 1e-6);  att = q_rot kv;  y = att z + lepe
+ *   gs = -z^2 (go . att);  g = go z;  grad_kv = q_rot^T g / N;  gkmean = gs^T q / N
+ *   grad q_rot = g kv^T;  grad k_rot = v grad_kv^T;  grad v = k_rot grad_kv
+ * in three passes over the tokens (kv; the queries' side; the keys' side) where ATen makes
+ * nine products and seven element-wise passes. v, go, lepe, y and gv are (N, C) in float32 or
+ * bf16 ("bf16"; y and gv rounded once); the rotations' gradients overwrite rot; gs (N, heads)
+ * and gkmean (C) float32 out. The d x d sums run in float32 over blocks of ATT_BLOCK tokens,
+ * then in float64 per thread, added by thread in a fixed order. */
+#define ATT_BLOCK 64
+
+static void sum_blocks(double *parts, int threads, long size, float scale, float *out) {
+  for (long i = 0; i < size; i++) {
+    double s = 0.0;
+    for (int t = 0; t < threads; t++) s += parts[t * size + i];
+    out[i] = (float)s * scale;
+  }
+}
+
+static void transpose_heads(const float *m, long heads, long d, float *mt) {
+  for (long h = 0; h < heads; h++)
+    for (long i = 0; i < d; i++)
+      for (long j = 0; j < d; j++) mt[(h * d + j) * d + i] = m[(h * d + i) * d + j];
+}
+
+static void core_backward_any(const float *feat, float *rot, const void *v, const void *go,
+                              const void *lepe, void *y, void *gv, int bf16, const float *kmean,
+                              float *gs, float *gkmean, long n, long c, long heads,
+                              int threads) {
+  long d = c / heads, hdd = c * d;
+  float *kv = malloc(4 * hdd * sizeof(float)), *kvt = kv + hdd, *gkv = kv + 2 * hdd;
+  float *gkvt = kv + 3 * hdd;
+  double *parts = calloc((size_t)threads * (hdd + c), sizeof(double));
+  float inv_n = 1.0f / (float)n;
+  /* kv = k_rot^T v / N */
+#pragma omp parallel num_threads(threads)
+  {
+    double *part = parts + omp_thread() * hdd;
+    float *blk = malloc((hdd + c) * sizeof(float)), *vr = blk + hdd;
+#pragma omp for schedule(static)
+    for (long t0 = 0; t0 < n; t0 += ATT_BLOCK) {
+      memset(blk, 0, hdd * sizeof(float));
+      for (long t = t0; t < t0 + ATT_BLOCK && t < n; t++) {
+        const float *kr = rot + (2 * t + 1) * c;
+        load_row(v, bf16, t * c, c, vr);
+        for (long h = 0; h < heads; h++)
+          for (long i = 0; i < d; i++) {
+            float a = kr[h * d + i], *row = blk + (h * d + i) * d;
+            const float *vh = vr + h * d;
+#pragma omp simd
+            for (long j = 0; j < d; j++) row[j] += a * vh[j];
+          }
+      }
+      for (long i = 0; i < hdd; i++) part[i] += blk[i];
+    }
+    free(blk);
+  }
+  sum_blocks(parts, threads, hdd, inv_n, kv);
+  transpose_heads(kv, heads, d, kvt);
+  memset(parts, 0, (size_t)threads * (hdd + c) * sizeof(double));
+  /* the queries' side: y, gs, grad q_rot (into rot), and the sums grad_kv and gkmean */
+#pragma omp parallel num_threads(threads)
+  {
+    double *part = parts + omp_thread() * (hdd + c);
+    float *blk = malloc((hdd + 5 * c) * sizeof(float)), *bkm = blk + hdd;
+    float *gor = bkm + c, *lr = gor + c, *yr = lr + c, *g = yr + c;
+#pragma omp for schedule(static)
+    for (long t0 = 0; t0 < n; t0 += ATT_BLOCK) {
+      memset(blk, 0, (hdd + c) * sizeof(float));
+      for (long t = t0; t < t0 + ATT_BLOCK && t < n; t++) {
+        const float *q = feat + 2 * t * c;
+        float *qr = rot + 2 * t * c;
+        load_row(go, bf16, t * c, c, gor);
+        load_row(lepe, bf16, t * c, c, lr);
+        for (long h = 0; h < heads; h++) {
+          const float *qh = q + h * d, *km = kmean + h * d, *m = kv + h * d * d;
+          float *qrh = qr + h * d, *att = yr + h * d, *gh = g + h * d;
+          const float *goh = gor + h * d;
+          float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+          for (long i = 0; i < d; i++) s += qh[i] * km[i];
+          float z = 1.0f / (s + 1e-6f);
+#pragma omp simd
+          for (long j = 0; j < d; j++) att[j] = 0.0f;
+          for (long i = 0; i < d; i++) {
+            float a = qrh[i];
+#pragma omp simd
+            for (long j = 0; j < d; j++) att[j] += a * m[i * d + j];
+          }
+          float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+          for (long j = 0; j < d; j++) dot += goh[j] * att[j];
+          float grad_s = -(dot * z * z);
+          gs[t * heads + h] = grad_s;
+#pragma omp simd
+          for (long j = 0; j < d; j++) {
+            gh[j] = goh[j] * z;
+            att[j] = att[j] * z + lr[h * d + j];
+            bkm[h * d + j] += grad_s * qh[j];
+          }
+          float *gb = blk + h * d * d;
+          for (long i = 0; i < d; i++) {
+            float a = qrh[i];
+#pragma omp simd
+            for (long j = 0; j < d; j++) gb[i * d + j] += a * gh[j];
+          }
+          /* grad q_rot = g kv^T, over kv^T's rows; q_rot is used up */
+          const float *mt = kvt + h * d * d;
+#pragma omp simd
+          for (long i = 0; i < d; i++) qrh[i] = 0.0f;
+          for (long j = 0; j < d; j++) {
+            float a = gh[j];
+#pragma omp simd
+            for (long i = 0; i < d; i++) qrh[i] += a * mt[j * d + i];
+          }
+        }
+        store_row(y, bf16, t * c, c, yr);
+      }
+      for (long i = 0; i < hdd + c; i++) part[i] += blk[i];
+    }
+    free(blk);
+  }
+  /* grad_kv and gkmean: the threads' sums, then / N */
+  for (long i = 0; i < hdd + c; i++) {
+    double s = 0.0;
+    for (int t = 0; t < threads; t++) s += parts[t * (hdd + c) + i];
+    if (i < hdd)
+      gkv[i] = (float)s * inv_n;
+    else
+      gkmean[i - hdd] = (float)s * inv_n;
+  }
+  transpose_heads(gkv, heads, d, gkvt);
+  /* the keys' side: grad v = k_rot grad_kv, grad k_rot = v grad_kv^T (into rot) */
+#pragma omp parallel num_threads(threads)
+  {
+    float *row = malloc(2 * c * sizeof(float)), *vr = row + c;
+#pragma omp for schedule(static)
+    for (long t = 0; t < n; t++) {
+      float *kr = rot + (2 * t + 1) * c;
+      load_row(v, bf16, t * c, c, vr);
+      for (long h = 0; h < heads; h++) {
+        const float *m = gkv + h * d * d, *mt = gkvt + h * d * d;
+        float *out = row + h * d, *krh = kr + h * d;
+        const float *vh = vr + h * d;
+#pragma omp simd
+        for (long j = 0; j < d; j++) out[j] = 0.0f;
+        for (long i = 0; i < d; i++) {
+          float a = krh[i];
+#pragma omp simd
+          for (long j = 0; j < d; j++) out[j] += a * m[i * d + j];
+        }
+#pragma omp simd
+        for (long i = 0; i < d; i++) krh[i] = 0.0f;
+        for (long j = 0; j < d; j++) {
+          float a = vh[j];
+#pragma omp simd
+          for (long i = 0; i < d; i++) krh[i] += a * mt[j * d + i];
+        }
+      }
+      store_row(gv, bf16, t * c, c, row);
+    }
+    free(row);
+  }
+  free(parts);
+  free(kv);
+}
+
+/* Heads of 32 channels (MLLA's): the same three passes over blocks of ATT_BLOCK tokens, each
+ * d x d product as register-blocked 16-lane vectors (GCC/Clang vector extensions; the compiler
+ * maps them onto AVX-512, AVX2 or SSE registers): a row times a head's matrix four rows at a
+ * time, and the sums of outer products four matrix rows at a time. */
+typedef float vf16 __attribute__((vector_size(64), aligned(4)));
+#define VLOAD(p) (*(const vf16 *)(p))
+#define VSTORE(p, x) (*(vf16 *)(p) = (x))
+
+/* out[t, :] = a[t, :] m (32 x 32) for t < rows; a and out with row strides lda, ldo */
+static inline void rows_times_32(long rows, const float *a, long lda, const float *m, float *out,
+                                 long ldo) {
+  long t = 0;
+  for (; t + 4 <= rows; t += 4) {
+    vf16 o00 = {0}, o01 = {0}, o10 = {0}, o11 = {0}, o20 = {0}, o21 = {0}, o30 = {0}, o31 = {0};
+    const float *a0 = a + t * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
+    for (int i = 0; i < 32; i++) {
+      vf16 m0 = VLOAD(m + 32 * i), m1 = VLOAD(m + 32 * i + 16);
+      o00 += a0[i] * m0, o01 += a0[i] * m1, o10 += a1[i] * m0, o11 += a1[i] * m1;
+      o20 += a2[i] * m0, o21 += a2[i] * m1, o30 += a3[i] * m0, o31 += a3[i] * m1;
+    }
+    float *r = out + t * ldo;
+    VSTORE(r, o00), VSTORE(r + 16, o01), VSTORE(r + ldo, o10), VSTORE(r + ldo + 16, o11);
+    VSTORE(r + 2 * ldo, o20), VSTORE(r + 2 * ldo + 16, o21);
+    VSTORE(r + 3 * ldo, o30), VSTORE(r + 3 * ldo + 16, o31);
+  }
+  for (; t < rows; t++) {
+    vf16 o0 = {0}, o1 = {0};
+    const float *a0 = a + t * lda;
+    for (int i = 0; i < 32; i++) o0 += a0[i] * VLOAD(m + 32 * i), o1 += a0[i] * VLOAD(m + 32 * i + 16);
+    VSTORE(out + t * ldo, o0), VSTORE(out + t * ldo + 16, o1);
+  }
+}
+
+/* m (32 x 32) += sum over t < rows of a[t, :]^T b[t, :]; a, b with row strides lda, ldb */
+static inline void outer_sum_32(long rows, const float *a, long lda, const float *b, long ldb,
+                                float *m) {
+  for (int i = 0; i < 32; i += 4) {
+    vf16 s00 = VLOAD(m + 32 * i), s01 = VLOAD(m + 32 * i + 16);
+    vf16 s10 = VLOAD(m + 32 * i + 32), s11 = VLOAD(m + 32 * i + 48);
+    vf16 s20 = VLOAD(m + 32 * i + 64), s21 = VLOAD(m + 32 * i + 80);
+    vf16 s30 = VLOAD(m + 32 * i + 96), s31 = VLOAD(m + 32 * i + 112);
+    for (long t = 0; t < rows; t++) {
+      const float *at = a + t * lda + i;
+      vf16 b0 = VLOAD(b + t * ldb), b1 = VLOAD(b + t * ldb + 16);
+      s00 += at[0] * b0, s01 += at[0] * b1, s10 += at[1] * b0, s11 += at[1] * b1;
+      s20 += at[2] * b0, s21 += at[2] * b1, s30 += at[3] * b0, s31 += at[3] * b1;
+    }
+    VSTORE(m + 32 * i, s00), VSTORE(m + 32 * i + 16, s01);
+    VSTORE(m + 32 * i + 32, s10), VSTORE(m + 32 * i + 48, s11);
+    VSTORE(m + 32 * i + 64, s20), VSTORE(m + 32 * i + 80, s21);
+    VSTORE(m + 32 * i + 96, s30), VSTORE(m + 32 * i + 112, s31);
+  }
+}
+
+static void load_rows(const void *src, int bf16, long t0, long rows, long c, float *dst) {
+  for (long t = 0; t < rows; t++) load_row(src, bf16, (t0 + t) * c, c, dst + t * c);
+}
+
+static void store_rows(void *dst, int bf16, long t0, long rows, long c, const float *src) {
+  for (long t = 0; t < rows; t++) store_row(dst, bf16, (t0 + t) * c, c, src + t * c);
+}
+
+static void core_backward_32(const float *feat, float *rot, const void *v, const void *go,
+                             const void *lepe, void *y, void *gv, int bf16, const float *kmean,
+                             float *gs, float *gkmean, long n, long c, long heads, int threads) {
+  const long d = 32, hdd = c * d, B = ATT_BLOCK;
+  float *kv = malloc(4 * hdd * sizeof(float)), *kvt = kv + hdd, *gkv = kv + 2 * hdd;
+  float *gkvt = kv + 3 * hdd;
+  double *parts = calloc((size_t)threads * (hdd + c), sizeof(double));
+  float inv_n = 1.0f / (float)n;
+  /* kv = k_rot^T v / N */
+#pragma omp parallel num_threads(threads)
+  {
+    double *part = parts + omp_thread() * hdd;
+    float *blk = malloc((hdd + B * c) * sizeof(float)), *vb = blk + hdd;
+#pragma omp for schedule(static)
+    for (long t0 = 0; t0 < n; t0 += B) {
+      long rows = n - t0 < B ? n - t0 : B;
+      memset(blk, 0, hdd * sizeof(float));
+      load_rows(v, bf16, t0, rows, c, vb);
+      for (long h = 0; h < heads; h++)
+        outer_sum_32(rows, rot + (2 * t0 + 1) * c + h * d, 2 * c, vb + h * d, c, blk + h * d * d);
+      for (long i = 0; i < hdd; i++) part[i] += blk[i];
+    }
+    free(blk);
+  }
+  sum_blocks(parts, threads, hdd, inv_n, kv);
+  transpose_heads(kv, heads, d, kvt);
+  memset(parts, 0, (size_t)threads * (hdd + c) * sizeof(double));
+  /* the queries' side */
+#pragma omp parallel num_threads(threads)
+  {
+    double *part = parts + omp_thread() * (hdd + c);
+    float *blk = malloc((hdd + c + 4 * B * c) * sizeof(float)), *bkm = blk + hdd;
+    float *gob = bkm + c, *yb = gob + B * c, *gb = yb + B * c, *lb = gb + B * c;
+#pragma omp for schedule(static)
+    for (long t0 = 0; t0 < n; t0 += B) {
+      long rows = n - t0 < B ? n - t0 : B;
+      memset(blk, 0, (hdd + c) * sizeof(float));
+      load_rows(go, bf16, t0, rows, c, gob);
+      load_rows(lepe, bf16, t0, rows, c, lb);
+      for (long h = 0; h < heads; h++) {
+        float *qr = rot + 2 * t0 * c + h * d;
+        rows_times_32(rows, qr, 2 * c, kv + h * d * d, yb + h * d, c); /* att */
+        for (long t = 0; t < rows; t++) {
+          const float *q = feat + 2 * (t0 + t) * c + h * d, *km = kmean + h * d;
+          float *att = yb + t * c + h * d, *g = gb + t * c + h * d;
+          const float *goh = gob + t * c + h * d, *lr = lb + t * c + h * d;
+          float s = 0.0f, dot = 0.0f;
+#pragma omp simd reduction(+ : s)
+          for (long i = 0; i < d; i++) s += q[i] * km[i];
+          float z = 1.0f / (s + 1e-6f);
+#pragma omp simd reduction(+ : dot)
+          for (long j = 0; j < d; j++) dot += goh[j] * att[j];
+          float grad_s = -(dot * z * z);
+          gs[(t0 + t) * heads + h] = grad_s;
+#pragma omp simd
+          for (long j = 0; j < d; j++) {
+            g[j] = goh[j] * z;
+            att[j] = att[j] * z + lr[j];
+            bkm[h * d + j] += grad_s * q[j];
+          }
+        }
+        outer_sum_32(rows, qr, 2 * c, gb + h * d, c, blk + h * d * d); /* grad_kv */
+        rows_times_32(rows, gb + h * d, c, kvt + h * d * d, qr, 2 * c); /* grad q_rot */
+      }
+      store_rows(y, bf16, t0, rows, c, yb);
+      for (long i = 0; i < hdd + c; i++) part[i] += blk[i];
+    }
+    free(blk);
+  }
+  for (long i = 0; i < hdd + c; i++) {
+    double s = 0.0;
+    for (int t = 0; t < threads; t++) s += parts[t * (hdd + c) + i];
+    if (i < hdd)
+      gkv[i] = (float)s * inv_n;
+    else
+      gkmean[i - hdd] = (float)s * inv_n;
+  }
+  transpose_heads(gkv, heads, d, gkvt);
+  /* the keys' side */
+#pragma omp parallel num_threads(threads)
+  {
+    float *vb = malloc(2 * B * c * sizeof(float)), *gvb = vb + B * c;
+#pragma omp for schedule(static)
+    for (long t0 = 0; t0 < n; t0 += B) {
+      long rows = n - t0 < B ? n - t0 : B;
+      load_rows(v, bf16, t0, rows, c, vb);
+      for (long h = 0; h < heads; h++) {
+        float *kr = rot + (2 * t0 + 1) * c + h * d;
+        rows_times_32(rows, kr, 2 * c, gkv + h * d * d, gvb + h * d, c);
+        rows_times_32(rows, vb + h * d, c, gkvt + h * d * d, kr, 2 * c);
+      }
+      store_rows(gv, bf16, t0, rows, c, gvb);
+    }
+    free(vb);
+  }
+  free(parts);
+  free(kv);
+}
+
+void mlla_attention_core_backward(const float *feat, float *rot, const void *v, const void *go,
+                                  const void *lepe, void *y, void *gv, int bf16,
+                                  const float *kmean, float *gs, float *gkmean, long n, long c,
+                                  long heads, int threads) {
+  if (c == 32 * heads)
+    core_backward_32(feat, rot, v, go, lepe, y, gv, bf16, kmean, gs, gkmean, n, c, heads, threads);
+  else
+    core_backward_any(feat, rot, v, go, lepe, y, gv, bf16, kmean, gs, gkmean, n, c, heads,
+                      threads);
+}

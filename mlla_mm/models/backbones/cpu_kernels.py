@@ -218,6 +218,7 @@ def load(path: str | Path) -> ctypes.CDLL:
     lib.mlla_silu_gate.argtypes = [p, p, p, n, i]
     lib.mlla_silu_gate_backward.argtypes = [p, p, p, n, i]
     lib.mlla_dw3_backward.argtypes = [p, p, i, p, p, p, n, n, n, n, i]
+    lib.mlla_attention_core_backward.argtypes = [p, p, p, p, p, p, p, i, p, p, p, n, n, n, i]
     kernels = (
         lib.mlla_keys,
         lib.mlla_queries,
@@ -229,6 +230,7 @@ def load(path: str | Path) -> ctypes.CDLL:
         lib.mlla_silu_gate,
         lib.mlla_silu_gate_backward,
         lib.mlla_dw3_backward,
+        lib.mlla_attention_core_backward,
     )
     for f in kernels:
         f.restype = None
@@ -411,6 +413,76 @@ def features_grad(
     """
     torch.ops.mlla.features_grad(grad_rot, feat, table, gs, kmean, kconst, out)
     return out
+
+
+@torch.library.custom_op(
+    'mlla::attention_core_backward',
+    mutates_args=('rot', 'y', 'gv', 'gs', 'gkmean'),
+    device_types='cpu',
+)
+def _attention_core_backward_op(
+    feat: torch.Tensor,
+    rot: torch.Tensor,
+    v: torch.Tensor,
+    go: torch.Tensor,
+    lepe: torch.Tensor,
+    kmean: torch.Tensor,
+    y: torch.Tensor,
+    gv: torch.Tensor,
+    gs: torch.Tensor,
+    gkmean: torch.Tensor,
+) -> None:
+    n, _, c = feat.shape
+    library().mlla_attention_core_backward(
+        feat.data_ptr(), rot.data_ptr(), v.data_ptr(), go.data_ptr(), lepe.data_ptr(),
+        y.data_ptr(), gv.data_ptr(), int(v.dtype == torch.bfloat16), kmean.data_ptr(),
+        gs.data_ptr(), gkmean.data_ptr(), n, c, gs.shape[1], _threads(n * 2 * c),
+    )  # fmt: skip
+
+
+@_attention_core_backward_op.register_fake
+def _(feat, rot, v, go, lepe, kmean, y, gv, gs, gkmean) -> None:
+    return None
+
+
+@register_flop_formula(torch.ops.mlla.attention_core_backward)
+def _attention_core_backward_flops(feat_shape, rot_shape, v_shape, *args, **kwargs) -> int:
+    """Two FLOPs per multiply-add of the six d x d products per token and head (kv, the
+    output, grad_kv, and q's, k's and v's gradients; the normaliser's dot products aside)."""
+    n, _, c = feat_shape
+    heads = args[5][1]  # gs: (N, heads)
+    return 2 * 6 * n * c * (c // heads)
+
+
+def attention_core_backward(
+    feat: torch.Tensor,
+    rot: torch.Tensor,
+    v: torch.Tensor,
+    go: torch.Tensor,
+    lepe: torch.Tensor,
+    kmean: torch.Tensor,
+    y: torch.Tensor,
+    gv: torch.Tensor,
+    gs: torch.Tensor,
+    gkmean: torch.Tensor,
+) -> None:
+    """The products of one image's attention backward, fused (training; ``torch.ops.mlla.
+    attention_core_backward``): what :func:`~.mlla.core_backward` computes with nine ATen
+    products and seven element-wise passes, in three passes over the tokens with each head's
+    d x d matrices in cache, reading the values, the output's gradient and the LePE in their
+    dtype and writing the output and the values' gradient rounded once.
+
+    Args:
+        feat, rot: (N, 2, C) float32 features and their rotations (:func:`features`); ``rot``
+            is overwritten with the rotations' gradients.
+        v, go, lepe: (N, C) values, output gradient and LePE, all float32 or all bfloat16.
+        kmean: (C,) float32 mean of the key features.
+        y: (N, C) output ``attention + lepe``, in ``v``'s dtype.
+        gv: (N, C) values' gradient, in ``v``'s dtype.
+        gs: (N, heads) float32 gradient of each token's normaliser sum.
+        gkmean: (C,) float32 gradient every key feature gets through ``mean(k)``.
+    """
+    torch.ops.mlla.attention_core_backward(feat, rot, v, go, lepe, kmean, y, gv, gs, gkmean)
 
 
 @torch.library.custom_op('mlla::silu_gate', mutates_args=('out',), device_types='cpu')

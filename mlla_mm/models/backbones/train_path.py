@@ -750,44 +750,35 @@ def _attention_backward(qk, v, grad, h: int, w: int, spec: _Spec, dtype, lepe) -
     """``spec.attend_backward`` in ``dtype``: the gradients of ``qk`` and ``v`` (the inputs'
     dtypes) and the recomputed forward plus the LePE, ``attend(qk, v) + lepe`` in ``lepe``'s
     dtype (rounded once, as the module's cast of its float32 sum). In float32 with the C kernels
-    built: per image, the element-wise work as two kernels (:func:`.cpu_kernels.features` and
-    :func:`.cpu_kernels.features_grad`) around the same products, where ATen makes about ten
-    passes, and ``grad`` and the output in ``dtype`` one image at a time (a bf16 step then makes
-    no (B, N, C) float32 map)."""
+    built, per image, three kernels: :func:`.cpu_kernels.features` (the features and their
+    rotations), :func:`.cpu_kernels.attention_core_backward` (the products, with each head's
+    d x d state in cache, reading ``v``, ``grad`` and ``lepe`` in their dtype) and
+    :func:`.cpu_kernels.features_grad` (RoPE's transpose, the normaliser's terms and ELU's
+    derivative), where ATen makes nine products and about seventeen passes; no (B, N, C)
+    float32 map."""
     b, n, c = v.shape
     heads = spec.heads
-    if not (dtype == torch.float32 and fast_path._c_kernels(qk, v, grad, lepe)):
+    if not (
+        dtype == torch.float32
+        and v.dtype == grad.dtype == lepe.dtype
+        and fast_path._c_kernels(qk, v, grad, lepe)
+    ):
         out = torch.empty(b, n, c, dtype=dtype, device=v.device)
         grad_qk, grad_v = spec.attend_backward(qk, v, grad.to(dtype), h, w, heads, dtype, out=out)
         return grad_qk, grad_v, out.add_(lepe).to(lepe.dtype)
     table = fast_path._rope_table(spec.rope_tables, h, w, c, qk.device)
-    grad_qk, grad_v, y = torch.empty_like(qk), torch.empty_like(v), torch.empty_like(lepe)
-
-    def split(t):  # (N, C) -> (heads, N, d), a view
-        return t.unflatten(-1, (heads, -1)).transpose(0, 1)
-
+    grad_qk, grad_v, y = torch.empty_like(qk), torch.empty_like(v), torch.empty_like(v)
     features = torch.empty(n, 2, c, dtype=dtype, device=qk.device)  # reused for each image
     rotated = torch.empty_like(features)
-    wide = y.dtype == dtype  # the output straight into y, else through one image's buffer
-    out = None if wide else torch.empty(n, c, dtype=dtype, device=v.device)
-    gi = None if grad.dtype == dtype else torch.empty(n, c, dtype=dtype, device=v.device)
+    gs = torch.empty(n, heads, dtype=dtype, device=qk.device)
+    grad_k_mean = torch.empty(c, dtype=dtype, device=qk.device)
     for i in range(b):  # as feature_attention_backward, per image
         k_mean = cpu_kernels.features(qk[i].view(n, 2, c), features, rotated, table)
-        qh, q_rope, k_rope = split(features[:, 0]), split(rotated[:, 0]), split(rotated[:, 1])
-        o = y[i] if wide else out
-        grad_s, grad_k_mean, grad_vh = spec.core_backward(
-            qh, q_rope, k_rope, split(v[i].to(dtype)),
-            split(grad[i] if gi is None else gi.copy_(grad[i])), k_mean.view(heads, 1, -1),
-            split(o),
-        )  # fmt: skip
-        if wide:
-            o += lepe[i]
-        else:
-            y[i] = o.add_(lepe[i])
-        grad_v[i] = grad_vh.transpose(0, 1).flatten(1)
-        gs = grad_s.view(heads, n).t().contiguous()  # token-major (N, heads)
+        cpu_kernels.attention_core_backward(
+            features, rotated, v[i], grad[i], lepe[i], k_mean, y[i], grad_v[i], gs, grad_k_mean
+        )
         cpu_kernels.features_grad(
-            rotated, features, table, gs, k_mean, grad_k_mean.flatten(), grad_qk[i].view(n, 2, c)
+            rotated, features, table, gs, k_mean, grad_k_mean, grad_qk[i].view(n, 2, c)
         )
     return grad_qk, grad_v, y
 

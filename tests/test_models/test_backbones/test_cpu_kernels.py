@@ -352,31 +352,34 @@ def _attention_backward(qk, v, grad, h, w, heads, aten):
 
 @needs_cc
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize('c, heads', [(24, 2), (12, 3), (16, 1)])
+@pytest.mark.parametrize('c, heads', [(24, 2), (12, 3), (16, 1), (64, 2), (96, 3)])
 def test_attention_backward_kernels_match_aten(monkeypatch, dtype, c, heads):
     """The training units' attention backward on the kernels (features and rotations in one
-    pass; RoPE's transpose, the normaliser's terms and ELU's derivative in another): the
+    pass; the products in three; RoPE's transpose, the normaliser's terms and ELU's derivative
+    in another): the
     gradients of q/k and v and the recomputed output of the reference's ATen backward, for
     float32 and bf16 inputs (gradients in their dtypes; a bf16 output gradient cast and the
-    output plus LePE rounded one image at a time), even and odd head widths, and NaN
+    output plus LePE rounded one image at a time), even and odd head widths, MLLA's 32-channel
+    heads (the register-blocked products, over several token blocks and a part block), and NaN
     propagated."""
     g = torch.Generator().manual_seed(0)
-    qk = (torch.randn(2, 63, 2 * c, generator=g) * 2).to(dtype)
-    v = torch.randn(2, 63, c, generator=g).to(dtype)
-    grad = torch.randn(2, 63, c, generator=g).to(dtype)
+    h, w = (15, 9) if c // heads == 32 else (7, 9)  # 32-channel heads: 64-token blocks, a rest
+    qk = (torch.randn(2, h * w, 2 * c, generator=g) * 2).to(dtype)
+    v = torch.randn(2, h * w, c, generator=g).to(dtype)
+    grad = torch.randn(2, h * w, c, generator=g).to(dtype)
     calls = []
-    for name in ('features', 'features_grad'):
+    for name in ('features', 'attention_core_backward', 'features_grad'):
         real = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, r=real: calls.append(r) or r(*a))
-    fused = _attention_backward(qk, v, grad, 7, 9, heads, aten=False)
-    assert len(calls) == 4  # two kernels per image
-    ref = _attention_backward(qk, v, grad, 7, 9, heads, aten=True)
+    fused = _attention_backward(qk, v, grad, h, w, heads, aten=False)
+    assert len(calls) == 6  # three kernels per image
+    ref = _attention_backward(qk, v, grad, h, w, heads, aten=True)
     tol = 2e-6 if dtype == torch.float32 else 2**-7  # bf16: one rounding of the result
     for a, b in zip(fused, ref, strict=True):
         assert a.dtype == b.dtype and rel_err(a.float(), b.float()) <= tol
     qk[1, 5, 3] = qk[0, 7, c + 1] = float('nan')  # a query's and a key's feature
-    fused = _attention_backward(qk, v, grad, 7, 9, heads, aten=False)
-    ref = _attention_backward(qk, v, grad, 7, 9, heads, aten=True)
+    fused = _attention_backward(qk, v, grad, h, w, heads, aten=False)
+    ref = _attention_backward(qk, v, grad, h, w, heads, aten=True)
     for a, b in zip(fused, ref, strict=True):
         assert a.isnan().any() and torch.equal(a.isnan(), b.isnan())
 
@@ -389,11 +392,12 @@ def test_attention_backward_kernels_built_without_avx_match_aten(monkeypatch, tm
     baseline = cpu_kernels.build(cache_dir=tmp_path, march='x86-64')
     monkeypatch.setattr(cpu_kernels, '_LIB', cpu_kernels.load(baseline))
     monkeypatch.setattr(cpu_kernels, '_TRIED', True)
-    qk, v, grad = torch.randn(1, 63, 80), torch.randn(1, 63, 40), torch.randn(1, 63, 40)
-    fused = _attention_backward(qk, v, grad, 7, 9, 5, aten=False)
-    ref = _attention_backward(qk, v, grad, 7, 9, 5, aten=True)
-    for a, b in zip(fused, ref, strict=True):
-        assert rel_err(a, b) <= 2e-6
+    for c, heads in ((40, 5), (64, 2)):  # any head width; 32-channel heads
+        qk, v, grad = torch.randn(1, 135, 2 * c), torch.randn(1, 135, c), torch.randn(1, 135, c)
+        fused = _attention_backward(qk, v, grad, 15, 9, heads, aten=False)
+        ref = _attention_backward(qk, v, grad, 15, 9, heads, aten=True)
+        for a, b in zip(fused, ref, strict=True):
+            assert rel_err(a, b) <= 2e-6
     x, grad, weight = torch.randn(2, 7, 9, 40), torch.randn(2, 7, 9, 40), torch.randn(40, 1, 3, 3)
     bias = torch.randn(40)
     ours = cpu_kernels.dw3_backward(grad, x, weight, bias, True, True, True)
@@ -485,3 +489,34 @@ def test_depthwise_backward_kernel_is_a_custom_op():
             run()
         counts.append(counter.get_total_flops())
     assert counts == [counts[0], counts[0], 2 * counts[0]] and counts[0] == 2 * 9 * x.numel()
+
+
+@needs_cc
+def test_attention_core_backward_kernel_is_a_custom_op():
+    """``mlla::attention_core_backward`` passes opcheck (schema, FakeTensor) for float32 and
+    bf16 values, and FLOP counters count its six d x d products per token and head (the ATen
+    products it replaces: the same count as FlopCounterMode gives the reference's bmm)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n, c, heads = 70, 64, 2
+    feat, rot = torch.rand(n, 2, c) + 0.5, torch.randn(n, 2, c)
+    for dtype in (torch.float32, torch.bfloat16):
+        v, go, lepe = (torch.randn(n, c).to(dtype) for _ in range(3))
+        args = (feat, rot.clone(), v, go, lepe, torch.rand(c) + 0.5, torch.empty_like(v),
+                torch.empty_like(v), torch.empty(n, heads), torch.empty(c))  # fmt: skip
+        torch.library.opcheck(
+            torch.ops.mlla.attention_core_backward.default, args,
+            test_utils=('test_schema', 'test_faketensor'),
+        )  # fmt: skip
+    counter = FlopCounterMode(display=False)
+    with counter:
+        cpu_kernels.attention_core_backward(*args)
+    reference = FlopCounterMode(display=False)
+    split = [t.view(n, heads, -1).transpose(0, 1) for t in (rot[:, 0], rot[:, 1], feat[:, 0])]
+    with reference:
+        mlla.core_backward(*split, v.float().view(n, heads, -1).transpose(0, 1),
+                           go.float().view(n, heads, -1).transpose(0, 1),
+                           torch.rand(heads, 1, c // heads))  # fmt: skip
+    products = 2 * 6 * n * c * (c // heads)
+    assert counter.get_total_flops() == products
+    assert reference.get_total_flops() >= products  # plus the normaliser's (N x d) @ (d x 1)
