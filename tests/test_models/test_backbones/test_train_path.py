@@ -342,9 +342,9 @@ def test_float64_step_takes_the_stem_and_merging_units(monkeypatch, kwargs, take
     assert len(calls) == taken
 
 
-def _block_pair(drop_path=0.0, dtype=torch.float32):
+def _block_pair(drop_path=0.0, dtype=torch.float32, dim=32):
     torch.manual_seed(0)
-    block = mlla_module.MLLABlock(32, 2, drop_path=drop_path).train()
+    block = mlla_module.MLLABlock(dim, 2, drop_path=drop_path).train()
     with torch.no_grad():  # trained-like weights (the init makes the branches tiny)
         for p in block.parameters():
             p.normal_(0, 0.2)
@@ -360,26 +360,36 @@ def _block_step(block, x, grad, autocast=None):
 
 
 @pytest.mark.parametrize(
-    'dtype, autocast, drop_path',
+    'dtype, autocast, drop_path, dim',
     [
-        (torch.float64, None, 0.0),
-        (torch.float32, None, 0.3),
-        (torch.float32, torch.bfloat16, 0.0),
-        (torch.bfloat16, torch.bfloat16, 0.3),
+        (torch.float64, None, 0.0, 32),
+        (torch.float32, None, 0.3, 32),
+        (torch.float32, torch.bfloat16, 0.0, 32),
+        (torch.bfloat16, torch.bfloat16, 0.3, 32),
+        (torch.float32, None, 0.0, 64),
+        (torch.float32, torch.bfloat16, 0.0, 64),
     ],
-    ids=['float64', 'float32-drop_path', 'autocast', 'autocast-bf16-input-drop_path'],
+    ids=[
+        'float64',
+        'float32-drop_path',
+        'autocast',
+        'autocast-bf16-input-drop_path',
+        'float32-heads_of_32',
+        'autocast-heads_of_32',
+    ],
 )
-def test_block_unit_gives_the_module_result(dtype, autocast, drop_path):
+def test_block_unit_gives_the_module_result(dtype, autocast, drop_path, dim):
     """The whole-block training unit against the module forward (which a hook on ``norm2``
     selects): the same output and gradients for the input and every parameter (the same
     operations in the same dtypes, so equal up to the order of sums: 1e-12 in float64, 1e-5 of
     each gradient's scale in float32), in float64, float32 and under bf16 autocast (float32 and
-    bf16 residual streams)."""
+    bf16 residual streams); with MLLA's 32-channel heads, through the attention backward's
+    kernel for them (where the C kernels are built)."""
     from mlla_mm.models.backbones import train_path
 
-    block = _block_pair(drop_path)
-    x = torch.randn(2, 12, 20, 32, requires_grad=True).to(dtype).detach().requires_grad_()
-    grad = torch.randn(2, 12, 20, 32).to(dtype)
+    block = _block_pair(drop_path, dim=dim)
+    x = torch.randn(2, 12, 20, dim, requires_grad=True).to(dtype).detach().requires_grad_()
+    grad = torch.randn(2, 12, 20, dim).to(dtype)
     block = block.to(dtype) if autocast is None else block
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast is not None):
         assert train_path.why_not_train_path(block, x, autocast=True) is None
