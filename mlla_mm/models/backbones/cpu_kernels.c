@@ -443,9 +443,9 @@ void mlla_dw3_backward(const void *grad, const void *x, int bf16, const float *t
  *   grad q_rot = g kv^T;  grad k_rot = v grad_kv^T;  grad v = k_rot grad_kv
  * in three passes over the tokens (kv; the queries' side; the keys' side) where ATen makes
  * nine products and seven element-wise passes. v, go, lepe, y and gv are (N, C) in float32 or
- * bf16 ("bf16"; y and gv rounded once); the rotations' gradients overwrite rot; gs (N, heads)
- * and gkmean (C) float32 out. The d x d sums run in float32 over blocks of ATT_BLOCK tokens,
- * then in float64 per thread, added by thread in a fixed order. */
+ * bf16 ("bf16"; y and gv rounded once; y may be lepe); the rotations' gradients overwrite rot;
+ * gs (N, heads) and gkmean (C) float32 out. The d x d sums run in float32 over blocks of
+ * ATT_BLOCK tokens, then in float64 per thread, added by thread in a fixed order. */
 #define ATT_BLOCK 64
 
 static void sum_blocks(double *parts, int threads, long size, float scale, float *out) {

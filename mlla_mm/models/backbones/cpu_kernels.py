@@ -477,7 +477,8 @@ def attention_core_backward(
             is overwritten with the rotations' gradients.
         v, go, lepe: (N, C) values, output gradient and LePE, all float32 or all bfloat16.
         kmean: (C,) float32 mean of the key features.
-        y: (N, C) output ``attention + lepe``, in ``v``'s dtype.
+        y: (N, C) output ``attention + lepe``, in ``v``'s dtype; may be ``lepe`` itself (each
+            row is read before it is written).
         gv: (N, C) values' gradient, in ``v``'s dtype.
         gs: (N, heads) float32 gradient of each token's normaliser sum.
         gkmean: (C,) float32 gradient every key feature gets through ``mean(k)``.

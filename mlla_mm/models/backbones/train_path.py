@@ -767,7 +767,8 @@ def _attention_backward(qk, v, grad, h: int, w: int, spec: _Spec, dtype, lepe) -
         grad_qk, grad_v = spec.attend_backward(qk, v, grad.to(dtype), h, w, heads, dtype, out=out)
         return grad_qk, grad_v, out.add_(lepe).to(lepe.dtype)
     table = fast_path._rope_table(spec.rope_tables, h, w, c, qk.device)
-    grad_qk, grad_v, y = torch.empty_like(qk), torch.empty_like(v), torch.empty_like(v)
+    grad_qk, grad_v = torch.empty_like(qk), torch.empty_like(v)
+    y = lepe  # the output takes the LePE's map (the kernel reads each row before writing it)
     features = torch.empty(n, 2, c, dtype=dtype, device=qk.device)  # reused for each image
     rotated = torch.empty_like(features)
     gs = torch.empty(n, heads, dtype=dtype, device=qk.device)
