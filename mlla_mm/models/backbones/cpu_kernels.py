@@ -12,9 +12,11 @@ Each kernel is a torch custom operator (``torch.ops.mlla.attention_features``, `
 ``bias_act_``, ``layer_norm``, made with ``torch.library.custom_op``) with a fake
 implementation, so the dispatcher, the profiler, FakeTensor and FLOP counters see it. Only the
 fused inference path (:mod:`.fast_path`) and the training units (:mod:`.train_path`) call them;
-the units' attention backward uses ``features`` and ``features_grad`` (the features and their
-rotations in one pass, and RoPE's transpose, the normaliser's terms and ELU's derivative in
-another), and their float32 gate ``silu_gate_`` and ``silu_gate_backward_``.
+the units' attention backward uses ``features`` (the features and their rotations in one
+pass), ``attention_core_backward`` (the products, per head with its d x d state in cache, in
+three passes over the tokens) and ``features_grad`` (RoPE's transpose, the normaliser's terms
+and ELU's derivative in one pass), their float32 gate ``silu_gate_`` and
+``silu_gate_backward_``, and their depthwise convs' backward ``dw3_backward``.
 
 The C file has no Python or torch headers: on first use it is compiled with the system C
 compiler (``$CC``, else ``cc``; about a second) for this machine's CPU (``-march=native``) into
