@@ -576,6 +576,7 @@ def dw3_backward(
     need_x: bool,
     need_w: bool,
     need_b: bool,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The backward of a depthwise 3x3 conv with stride 1 and zero padding 1 on channels-last
     tokens, in one pass over the rows (``torch.ops.mlla.dw3_backward``): oneDNN's runs the
@@ -588,6 +589,8 @@ def dw3_backward(
         weight: (C, 1, 3, 3) the conv's weight (in the dtype the conv ran in).
         bias: (C,) its bias, or None.
         need_x, need_w, need_b: Which gradients to compute.
+        out: Where to write the input's gradient (a contiguous tensor of ``x``'s shape and
+            dtype that is neither ``grad`` nor ``x``), else a new tensor.
 
     Returns:
         tuple: The gradients of ``x`` (float32 sums rounded once to its dtype), ``weight`` and
@@ -597,7 +600,7 @@ def dw3_backward(
     b, h, w, c = x.shape
     need_b = need_b and bias is not None
     taps = weight.reshape(c, 9).t().float().contiguous()
-    gx = torch.empty_like(x) if need_x else None
+    gx = None if not need_x else torch.empty_like(x) if out is None else out
     sums = None
     if need_w or need_b:
         sums = torch.zeros(_threads(x.numel()), 10, c, dtype=torch.float64, device=x.device)

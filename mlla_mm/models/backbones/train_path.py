@@ -664,12 +664,23 @@ def _conv_tokens(x: torch.Tensor, weight, bias, spec: tuple) -> torch.Tensor:
     return _conv(x.permute(0, 3, 1, 2), weight, bias, spec).permute(0, 2, 3, 1)
 
 
-def _conv_tokens_backward(grad, x, weight, bias, spec: tuple, params, need_x: bool = True):
+def _conv_tokens_backward(grad, x, weight, bias, spec: tuple, params, need_x=True, out=None):
     """:func:`_conv_backward` of :func:`_conv_tokens`: the input's gradient as tokens, the
-    weight's and bias's where ``params``, the layer's own, require grad."""
+    weight's and bias's where ``params``, the layer's own, require grad. ``out``: a map the
+    caller is done with, which the C kernel writes the input's gradient into if it fits (no
+    new map; at 2048^2 each is 67 MB, mapped and faulted in afresh by glibc)."""
     need_w, need_b = (t is not None and t.requires_grad for t in params)
     if _dw3_kernel(grad, x, weight, spec):
-        return cpu_kernels.dw3_backward(grad, x, weight, bias, need_x, need_w, need_b)
+        storage = (lambda t: t.untyped_storage().data_ptr()) if out is not None else None
+        fits = (
+            out is not None
+            and out.shape == x.shape
+            and out.dtype == x.dtype
+            and out.is_contiguous()
+            and storage(out) not in (storage(grad), storage(x))
+        )
+        out = out if fits else None
+        return cpu_kernels.dw3_backward(grad, x, weight, bias, need_x, need_w, need_b, out)
     gx, gw, gb = _conv_backward(
         grad.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight, bias, spec, need_x, need_w, need_b
     )
@@ -897,13 +908,13 @@ def _block_backward(ctx, grad):
     )
     del xn2, g_f
     g_x3, gw_n2, gb_n2 = ln_backward(g_xn2.to(rdt), x3, mean2, rstd2, w_n2, b_n2)
-    del x3, g_xn2
+    del x3
     g_x3 += grad
     gi, gw_c2, gb_c2 = _conv_tokens_backward(
-        g_x3.to(cdt), x2_low, w_c2_low, b_c2_low, spec.cpe2, (w_c2, b_c2)
-    )
+        g_x3.to(cdt), x2_low, w_c2_low, b_c2_low, spec.cpe2, (w_c2, b_c2), out=g_xn2
+    )  # into the MLP's input gradient's map (done with)
     g_x2 = gi if fold else g_x3.add_(gi)
-    del gi, g_x3, x2_low
+    del gi, g_x3, x2_low, g_xn2
 
     # ---- x2 = x1 + out_proj((attn(s) + LePE(s)) * SiLU(a)), s = SiLU(dwc(p))
     w_o_low, w_d_low, b_d_low, w_l_low, b_l_low, w_qk_low = low(w_o, w_d, b_d, w_l, b_l, w_qk)
@@ -933,9 +944,11 @@ def _block_backward(ctx, grad):
         g_a = torch.ops.aten.silu_backward(g_gate, a)
         del g_gate
     gw_o, gb_o = _linear_grads(g_r2, m.reshape(-1, c), w_o, b_o)
-    del m, g_r, g_r2
-    g_s, gw_l, gb_l = _conv_tokens_backward(g_y, s, w_l_low, b_l_low, spec.lepe, (w_l, b_l))
-    del g_y
+    del g_r, g_r2
+    g_s, gw_l, gb_l = _conv_tokens_backward(
+        g_y, s, w_l_low, b_l_low, spec.lepe, (w_l, b_l), out=m
+    )  # into the gate's input's map (done with)
+    del g_y, m
     g_qk2 = g_qk.reshape(-1, 2 * c)
     g_s += g_v.view(b, h, w, c)
     if g_s.dtype == g_qk2.dtype in WIDE:  # in place (no new map)
@@ -945,9 +958,11 @@ def _block_backward(ctx, grad):
     gw_qk, gb_qk = _linear_grads(g_qk2, s.reshape(-1, c), w_qk, b_qk)
     del s, g_qk, g_qk2, g_v
     g_d = torch.ops.aten.silu_backward.grad_input(g_s, d, grad_input=g_s)
-    del g_s, d
-    g_p, gw_d, gb_d = _conv_tokens_backward(g_d, p, w_d_low, b_d_low, spec.dwc, (w_d, b_d))
-    del g_d
+    del g_s
+    g_p, gw_d, gb_d = _conv_tokens_backward(
+        g_d, p, w_d_low, b_d_low, spec.dwc, (w_d, b_d), out=d
+    )  # into the DWConv output's map (done with)
+    del g_d, d
 
     # ---- x1 = x + CPE1(x), then LN1 into act_proj and in_proj
     x_low, w_c1_low, b_c1_low, w_i_low, w_a_low = low(x, w_c1, b_c1, w_i, w_a)
@@ -967,13 +982,14 @@ def _block_backward(ctx, grad):
     gw_a, gb_a = _linear_grads(g_a2, xn2d, w_a, b_a)
     del g_p, g_a, g_p2, g_a2, xn, xn2d
     g_x1, gw_n1, gb_n1 = ln_backward(g_xn.view(b, h, w, c), x1, mean1, rstd1, w_n1, b_n1)
-    del g_xn, x1
+    del g_xn
     g_x1 += g_x2
     del g_x2
     need_x = ctx.needs_input_grad[0]
     gi, gw_c1, gb_c1 = _conv_tokens_backward(
-        g_x1.to(cdt), x_low, w_c1_low, b_c1_low, spec.cpe1, (w_c1, b_c1), need_x=need_x
-    )
+        g_x1.to(cdt), x_low, w_c1_low, b_c1_low, spec.cpe1, (w_c1, b_c1), need_x=need_x, out=x1
+    )  # into the recomputed x1's map (done with)
+    del x1
     g_x = None if not need_x else gi if fold else g_x1.add_(gi).to(x.dtype)
     grads = (
         gw_c1,
