@@ -441,7 +441,8 @@ def test_depthwise_backward_kernel_matches_aten(dtype, shape):
     """The depthwise 3x3 conv backward on tokens in one pass over the rows
     (:func:`cpu_kernels.dw3_backward`): ATen's input, weight and bias gradients in their
     dtypes, for float32 and bf16, channel counts that fill the 16-lane blocks or leave a rest
-    (or are all rest), one-pixel and narrow maps (every border tap), and each subset asked."""
+    (or are all rest), one-pixel and narrow maps (every border tap), each subset asked, and the
+    input's gradient written into a given map."""
     g = torch.Generator().manual_seed(0)
     x, grad = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
     c = shape[-1]
@@ -455,6 +456,10 @@ def test_depthwise_backward_kernel_matches_aten(dtype, shape):
             if asked:
                 assert a.dtype == b.dtype and a.shape == b.shape
                 assert rel_err(a.float(), b.float()) <= tol
+    into = torch.full_like(x, float('nan'))  # a map given for the input's gradient: all written
+    gx, _, _ = cpu_kernels.dw3_backward(grad, x, weight, bias, True, False, False, out=into)
+    ref = _dw3_aten(grad, x, weight, bias, [True, False, False])[0]
+    assert gx is into and rel_err(gx.float(), ref.float()) <= tol
     x[0, 0, 0, 3] = grad[0, 0, 0, 5] = float('nan')
     gx, gw, gb = cpu_kernels.dw3_backward(grad, x, weight, bias, True, True, True)
     # NaN where the sums meet it: float64 ATen (its bf16 oneDNN kernel also spreads NaN into
