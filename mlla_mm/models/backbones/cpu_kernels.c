@@ -467,8 +467,8 @@ static void core_backward_any(const float *feat, float *rot, const void *v, cons
                               float *gs, float *gkmean, long n, long c, long heads,
                               int threads) {
   long d = c / heads, hdd = c * d;
-  float *kv = malloc(4 * hdd * sizeof(float)), *kvt = kv + hdd, *gkv = kv + 2 * hdd;
-  float *gkvt = kv + 3 * hdd;
+  float *kv = malloc((4 * hdd + c) * sizeof(float)), *kvt = kv + hdd, *gkv = kv + 2 * hdd;
+  float *gkvt = gkv + hdd + c; /* gkv holds grad_kv, then gkmean's c sums */
   double *parts = calloc((size_t)threads * (hdd + c), sizeof(double));
   float inv_n = 1.0f / (float)n;
   /* kv = k_rot^T v / N */
@@ -560,14 +560,8 @@ static void core_backward_any(const float *feat, float *rot, const void *v, cons
     free(blk);
   }
   /* grad_kv and gkmean: the threads' sums, then / N */
-  for (long i = 0; i < hdd + c; i++) {
-    double s = 0.0;
-    for (int t = 0; t < threads; t++) s += parts[t * (hdd + c) + i];
-    if (i < hdd)
-      gkv[i] = (float)s * inv_n;
-    else
-      gkmean[i - hdd] = (float)s * inv_n;
-  }
+  sum_blocks(parts, threads, hdd + c, inv_n, gkv);
+  memcpy(gkmean, gkv + hdd, c * sizeof(float));
   transpose_heads(gkv, heads, d, gkvt);
   /* the keys' side: grad v = k_rot grad_kv, grad k_rot = v grad_kv^T (into rot) */
 #pragma omp parallel num_threads(threads)
@@ -670,8 +664,8 @@ static void core_backward_32(const float *feat, float *rot, const void *v, const
                              const void *lepe, void *y, void *gv, int bf16, const float *kmean,
                              float *gs, float *gkmean, long n, long c, long heads, int threads) {
   const long d = 32, hdd = c * d, B = ATT_BLOCK;
-  float *kv = malloc(4 * hdd * sizeof(float)), *kvt = kv + hdd, *gkv = kv + 2 * hdd;
-  float *gkvt = kv + 3 * hdd;
+  float *kv = malloc((4 * hdd + c) * sizeof(float)), *kvt = kv + hdd, *gkv = kv + 2 * hdd;
+  float *gkvt = gkv + hdd + c; /* gkv holds grad_kv, then gkmean's c sums */
   double *parts = calloc((size_t)threads * (hdd + c), sizeof(double));
   float inv_n = 1.0f / (float)n;
   /* kv = k_rot^T v / N */
@@ -735,14 +729,8 @@ static void core_backward_32(const float *feat, float *rot, const void *v, const
     }
     free(blk);
   }
-  for (long i = 0; i < hdd + c; i++) {
-    double s = 0.0;
-    for (int t = 0; t < threads; t++) s += parts[t * (hdd + c) + i];
-    if (i < hdd)
-      gkv[i] = (float)s * inv_n;
-    else
-      gkmean[i - hdd] = (float)s * inv_n;
-  }
+  sum_blocks(parts, threads, hdd + c, inv_n, gkv); /* grad_kv, then gkmean */
+  memcpy(gkmean, gkv + hdd, c * sizeof(float));
   transpose_heads(gkv, heads, d, gkvt);
   /* the keys' side */
 #pragma omp parallel num_threads(threads)
