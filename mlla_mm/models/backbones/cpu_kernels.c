@@ -462,146 +462,10 @@ static void transpose_heads(const float *m, long heads, long d, float *mt) {
       for (long j = 0; j < d; j++) mt[(h * d + j) * d + i] = m[(h * d + i) * d + j];
 }
 
-static void core_backward_any(const float *feat, float *rot, const void *v, const void *go,
-                              const void *lepe, void *y, void *gv, int bf16, const float *kmean,
-                              float *gs, float *gkmean, long n, long c, long heads,
-                              int threads) {
-  long d = c / heads, hdd = c * d;
-  float *kv = malloc((4 * hdd + c) * sizeof(float)), *kvt = kv + hdd, *gkv = kv + 2 * hdd;
-  float *gkvt = gkv + hdd + c; /* gkv holds grad_kv, then gkmean's c sums */
-  double *parts = calloc((size_t)threads * (hdd + c), sizeof(double));
-  float inv_n = 1.0f / (float)n;
-  /* kv = k_rot^T v / N */
-#pragma omp parallel num_threads(threads)
-  {
-    double *part = parts + omp_thread() * hdd;
-    float *blk = malloc((hdd + c) * sizeof(float)), *vr = blk + hdd;
-#pragma omp for schedule(static)
-    for (long t0 = 0; t0 < n; t0 += ATT_BLOCK) {
-      memset(blk, 0, hdd * sizeof(float));
-      for (long t = t0; t < t0 + ATT_BLOCK && t < n; t++) {
-        const float *kr = rot + (2 * t + 1) * c;
-        load_row(v, bf16, t * c, c, vr);
-        for (long h = 0; h < heads; h++)
-          for (long i = 0; i < d; i++) {
-            float a = kr[h * d + i], *row = blk + (h * d + i) * d;
-            const float *vh = vr + h * d;
-#pragma omp simd
-            for (long j = 0; j < d; j++) row[j] += a * vh[j];
-          }
-      }
-      for (long i = 0; i < hdd; i++) part[i] += blk[i];
-    }
-    free(blk);
-  }
-  sum_blocks(parts, threads, hdd, inv_n, kv);
-  transpose_heads(kv, heads, d, kvt);
-  memset(parts, 0, (size_t)threads * (hdd + c) * sizeof(double));
-  /* the queries' side: y, gs, grad q_rot (into rot), and the sums grad_kv and gkmean */
-#pragma omp parallel num_threads(threads)
-  {
-    double *part = parts + omp_thread() * (hdd + c);
-    float *blk = malloc((hdd + 5 * c) * sizeof(float)), *bkm = blk + hdd;
-    float *gor = bkm + c, *lr = gor + c, *yr = lr + c, *g = yr + c;
-#pragma omp for schedule(static)
-    for (long t0 = 0; t0 < n; t0 += ATT_BLOCK) {
-      memset(blk, 0, (hdd + c) * sizeof(float));
-      for (long t = t0; t < t0 + ATT_BLOCK && t < n; t++) {
-        const float *q = feat + 2 * t * c;
-        float *qr = rot + 2 * t * c;
-        load_row(go, bf16, t * c, c, gor);
-        load_row(lepe, bf16, t * c, c, lr);
-        for (long h = 0; h < heads; h++) {
-          const float *qh = q + h * d, *km = kmean + h * d, *m = kv + h * d * d;
-          float *qrh = qr + h * d, *att = yr + h * d, *gh = g + h * d;
-          const float *goh = gor + h * d;
-          float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-          for (long i = 0; i < d; i++) s += qh[i] * km[i];
-          float z = 1.0f / (s + 1e-6f);
-#pragma omp simd
-          for (long j = 0; j < d; j++) att[j] = 0.0f;
-          for (long i = 0; i < d; i++) {
-            float a = qrh[i];
-#pragma omp simd
-            for (long j = 0; j < d; j++) att[j] += a * m[i * d + j];
-          }
-          float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-          for (long j = 0; j < d; j++) dot += goh[j] * att[j];
-          float grad_s = -(dot * z * z);
-          gs[t * heads + h] = grad_s;
-#pragma omp simd
-          for (long j = 0; j < d; j++) {
-            gh[j] = goh[j] * z;
-            att[j] = att[j] * z + lr[h * d + j];
-            bkm[h * d + j] += grad_s * qh[j];
-          }
-          float *gb = blk + h * d * d;
-          for (long i = 0; i < d; i++) {
-            float a = qrh[i];
-#pragma omp simd
-            for (long j = 0; j < d; j++) gb[i * d + j] += a * gh[j];
-          }
-          /* grad q_rot = g kv^T, over kv^T's rows; q_rot is used up */
-          const float *mt = kvt + h * d * d;
-#pragma omp simd
-          for (long i = 0; i < d; i++) qrh[i] = 0.0f;
-          for (long j = 0; j < d; j++) {
-            float a = gh[j];
-#pragma omp simd
-            for (long i = 0; i < d; i++) qrh[i] += a * mt[j * d + i];
-          }
-        }
-        store_row(y, bf16, t * c, c, yr);
-      }
-      for (long i = 0; i < hdd + c; i++) part[i] += blk[i];
-    }
-    free(blk);
-  }
-  /* grad_kv and gkmean: the threads' sums, then / N */
-  sum_blocks(parts, threads, hdd + c, inv_n, gkv);
-  memcpy(gkmean, gkv + hdd, c * sizeof(float));
-  transpose_heads(gkv, heads, d, gkvt);
-  /* the keys' side: grad v = k_rot grad_kv, grad k_rot = v grad_kv^T (into rot) */
-#pragma omp parallel num_threads(threads)
-  {
-    float *row = malloc(2 * c * sizeof(float)), *vr = row + c;
-#pragma omp for schedule(static)
-    for (long t = 0; t < n; t++) {
-      float *kr = rot + (2 * t + 1) * c;
-      load_row(v, bf16, t * c, c, vr);
-      for (long h = 0; h < heads; h++) {
-        const float *m = gkv + h * d * d, *mt = gkvt + h * d * d;
-        float *out = row + h * d, *krh = kr + h * d;
-        const float *vh = vr + h * d;
-#pragma omp simd
-        for (long j = 0; j < d; j++) out[j] = 0.0f;
-        for (long i = 0; i < d; i++) {
-          float a = krh[i];
-#pragma omp simd
-          for (long j = 0; j < d; j++) out[j] += a * m[i * d + j];
-        }
-#pragma omp simd
-        for (long i = 0; i < d; i++) krh[i] = 0.0f;
-        for (long j = 0; j < d; j++) {
-          float a = vh[j];
-#pragma omp simd
-          for (long i = 0; i < d; i++) krh[i] += a * mt[j * d + i];
-        }
-      }
-      store_row(gv, bf16, t * c, c, row);
-    }
-    free(row);
-  }
-  free(parts);
-  free(kv);
-}
-
-/* Heads of 32 channels (MLLA's): the same three passes over blocks of ATT_BLOCK tokens, each
- * d x d product as register-blocked 16-lane vectors (GCC/Clang vector extensions; the compiler
- * maps them onto AVX-512, AVX2 or SSE registers): a row times a head's matrix four rows at a
- * time, and the sums of outer products four matrix rows at a time. */
+/* The d x d products over a block of token rows. Heads of 32 channels (MLLA's) take
+ * register-blocked 16-lane vectors (GCC/Clang vector extensions; the compiler maps them onto
+ * AVX-512, AVX2 or SSE registers): a row times a head's matrix four rows at a time, and the
+ * sums of outer products four matrix rows at a time; other head widths a plain loop. */
 typedef float vf16 __attribute__((vector_size(64), aligned(4)));
 #define VLOAD(p) (*(const vf16 *)(p))
 #define VSTORE(p, x) (*(vf16 *)(p) = (x))
@@ -652,6 +516,40 @@ static inline void outer_sum_32(long rows, const float *a, long lda, const float
   }
 }
 
+/* out[t, :] = a[t, :] m (d x d) for t < rows */
+static inline void rows_times(long d, long rows, const float *a, long lda, const float *m,
+                              float *out, long ldo) {
+  if (d == 32) {
+    rows_times_32(rows, a, lda, m, out, ldo);
+    return;
+  }
+  for (long t = 0; t < rows; t++) {
+    float *o = out + t * ldo;
+#pragma omp simd
+    for (long j = 0; j < d; j++) o[j] = 0.0f;
+    for (long i = 0; i < d; i++) {
+      float ai = a[t * lda + i];
+#pragma omp simd
+      for (long j = 0; j < d; j++) o[j] += ai * m[i * d + j];
+    }
+  }
+}
+
+/* m (d x d) += sum over t < rows of a[t, :]^T b[t, :] */
+static inline void outer_sum(long d, long rows, const float *a, long lda, const float *b,
+                             long ldb, float *m) {
+  if (d == 32) {
+    outer_sum_32(rows, a, lda, b, ldb, m);
+    return;
+  }
+  for (long t = 0; t < rows; t++)
+    for (long i = 0; i < d; i++) {
+      float ai = a[t * lda + i];
+#pragma omp simd
+      for (long j = 0; j < d; j++) m[i * d + j] += ai * b[t * ldb + j];
+    }
+}
+
 static void load_rows(const void *src, int bf16, long t0, long rows, long c, float *dst) {
   for (long t = 0; t < rows; t++) load_row(src, bf16, (t0 + t) * c, c, dst + t * c);
 }
@@ -660,10 +558,11 @@ static void store_rows(void *dst, int bf16, long t0, long rows, long c, const fl
   for (long t = 0; t < rows; t++) store_row(dst, bf16, (t0 + t) * c, c, src + t * c);
 }
 
-static void core_backward_32(const float *feat, float *rot, const void *v, const void *go,
-                             const void *lepe, void *y, void *gv, int bf16, const float *kmean,
-                             float *gs, float *gkmean, long n, long c, long heads, int threads) {
-  const long d = 32, hdd = c * d, B = ATT_BLOCK;
+void mlla_attention_core_backward(const float *feat, float *rot, const void *v, const void *go,
+                                  const void *lepe, void *y, void *gv, int bf16,
+                                  const float *kmean, float *gs, float *gkmean, long n, long c,
+                                  long heads, int threads) {
+  const long d = c / heads, hdd = c * d, B = ATT_BLOCK;
   float *kv = malloc((4 * hdd + c) * sizeof(float)), *kvt = kv + hdd, *gkv = kv + 2 * hdd;
   float *gkvt = gkv + hdd + c; /* gkv holds grad_kv, then gkmean's c sums */
   double *parts = calloc((size_t)threads * (hdd + c), sizeof(double));
@@ -679,7 +578,7 @@ static void core_backward_32(const float *feat, float *rot, const void *v, const
       memset(blk, 0, hdd * sizeof(float));
       load_rows(v, bf16, t0, rows, c, vb);
       for (long h = 0; h < heads; h++)
-        outer_sum_32(rows, rot + (2 * t0 + 1) * c + h * d, 2 * c, vb + h * d, c, blk + h * d * d);
+        outer_sum(d, rows, rot + (2 * t0 + 1) * c + h * d, 2 * c, vb + h * d, c, blk + h * d * d);
       for (long i = 0; i < hdd; i++) part[i] += blk[i];
     }
     free(blk);
@@ -701,7 +600,7 @@ static void core_backward_32(const float *feat, float *rot, const void *v, const
       load_rows(lepe, bf16, t0, rows, c, lb);
       for (long h = 0; h < heads; h++) {
         float *qr = rot + 2 * t0 * c + h * d;
-        rows_times_32(rows, qr, 2 * c, kv + h * d * d, yb + h * d, c); /* att */
+        rows_times(d, rows, qr, 2 * c, kv + h * d * d, yb + h * d, c); /* att */
         for (long t = 0; t < rows; t++) {
           const float *q = feat + 2 * (t0 + t) * c + h * d, *km = kmean + h * d;
           float *att = yb + t * c + h * d, *g = gb + t * c + h * d;
@@ -721,8 +620,8 @@ static void core_backward_32(const float *feat, float *rot, const void *v, const
             bkm[h * d + j] += grad_s * q[j];
           }
         }
-        outer_sum_32(rows, qr, 2 * c, gb + h * d, c, blk + h * d * d); /* grad_kv */
-        rows_times_32(rows, gb + h * d, c, kvt + h * d * d, qr, 2 * c); /* grad q_rot */
+        outer_sum(d, rows, qr, 2 * c, gb + h * d, c, blk + h * d * d); /* grad_kv */
+        rows_times(d, rows, gb + h * d, c, kvt + h * d * d, qr, 2 * c); /* grad q_rot */
       }
       store_rows(y, bf16, t0, rows, c, yb);
       for (long i = 0; i < hdd + c; i++) part[i] += blk[i];
@@ -742,8 +641,8 @@ static void core_backward_32(const float *feat, float *rot, const void *v, const
       load_rows(v, bf16, t0, rows, c, vb);
       for (long h = 0; h < heads; h++) {
         float *kr = rot + (2 * t0 + 1) * c + h * d;
-        rows_times_32(rows, kr, 2 * c, gkv + h * d * d, gvb + h * d, c);
-        rows_times_32(rows, vb + h * d, c, gkvt + h * d * d, kr, 2 * c);
+        rows_times(d, rows, kr, 2 * c, gkv + h * d * d, gvb + h * d, c);
+        rows_times(d, rows, vb + h * d, c, gkvt + h * d * d, kr, 2 * c);
       }
       store_rows(gv, bf16, t0, rows, c, gvb);
     }
@@ -751,15 +650,4 @@ static void core_backward_32(const float *feat, float *rot, const void *v, const
   }
   free(parts);
   free(kv);
-}
-
-void mlla_attention_core_backward(const float *feat, float *rot, const void *v, const void *go,
-                                  const void *lepe, void *y, void *gv, int bf16,
-                                  const float *kmean, float *gs, float *gkmean, long n, long c,
-                                  long heads, int threads) {
-  if (c == 32 * heads)
-    core_backward_32(feat, rot, v, go, lepe, y, gv, bf16, kmean, gs, gkmean, n, c, heads, threads);
-  else
-    core_backward_any(feat, rot, v, go, lepe, y, gv, bf16, kmean, gs, gkmean, n, c, heads,
-                      threads);
 }
