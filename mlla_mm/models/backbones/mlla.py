@@ -499,7 +499,6 @@ class LinearAttention(nn.Module):
     core = staticmethod(linear_attention)
     attend = staticmethod(feature_attention)
     attend_backward = staticmethod(feature_attention_backward)
-    core_backward = staticmethod(core_backward)
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
         super().__init__()

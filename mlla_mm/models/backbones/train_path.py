@@ -653,9 +653,8 @@ class _Spec(NamedTuple):
     eps2: float
     heads: int
     compute: torch.dtype  # of the linears and convs (autocast's dtype, else the input's)
-    attend: object  # LinearAttention.attend, .attend_backward, .core_backward, .rope_tables
+    attend: object  # LinearAttention.attend, .attend_backward, .rope_tables
     attend_backward: object
-    core_backward: object
     rope_tables: object
 
 
@@ -671,15 +670,14 @@ def _conv_tokens_backward(grad, x, weight, bias, spec: tuple, params, need_x=Tru
     new map; at 2048^2 each is 67 MB, mapped and faulted in afresh by glibc)."""
     need_w, need_b = (t is not None and t.requires_grad for t in params)
     if _dw3_kernel(grad, x, weight, spec):
-        storage = (lambda t: t.untyped_storage().data_ptr()) if out is not None else None
-        fits = (
-            out is not None
-            and out.shape == x.shape
+        if out is not None and not (
+            out.shape == x.shape
             and out.dtype == x.dtype
             and out.is_contiguous()
-            and storage(out) not in (storage(grad), storage(x))
-        )
-        out = out if fits else None
+            and out.untyped_storage().data_ptr()
+            not in (grad.untyped_storage().data_ptr(), x.untyped_storage().data_ptr())
+        ):
+            out = None  # it does not fit: a new map
         return cpu_kernels.dw3_backward(grad, x, weight, bias, need_x, need_w, need_b, out)
     gx, gw, gb = _conv_backward(
         grad.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight, bias, spec, need_x, need_w, need_b
@@ -1098,7 +1096,6 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         compute,
         attn.attend,
         attn.attend_backward,
-        attn.core_backward,
         attn.rope_tables,
     )
     masks = []

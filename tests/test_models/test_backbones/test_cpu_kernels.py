@@ -341,7 +341,7 @@ def _attention_backward(qk, v, grad, h, w, heads, aten):
     layer = mlla.LinearAttention
     spec = train_path._Spec(
         *[None] * 4, 1e-5, 1e-5, heads, qk.dtype, layer.attend, layer.attend_backward,
-        layer.core_backward, layer.rope_tables,
+        layer.rope_tables,
     )  # fmt: skip
     lepe = torch.cos(torch.arange(v.numel(), dtype=torch.float32)).view(v.shape).to(grad.dtype)
     caps = dataclasses.replace(ops.CAPS, cpu_kernels=not aten)
